@@ -1,0 +1,125 @@
+"""Frozen backbones of the FSS models and the feature taps MSANet correlates.
+
+Both backbones are split into the five stages ``layer0..layer4`` that the released
+checkpoints name. The ResNets are the PSPNet "deep stem" variant with *every* block of
+layer3 dilated 2 and of layer4 dilated 4 (output stride 8); torchvision's
+``replace_stride_with_dilation`` keeps a smaller dilation in each stage's first block and
+so computes something else. VGG16-BN uses ``ceil_mode=True`` pools (473 -> 30, not 29).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import vgg16_bn
+from torchvision.models.resnet import Bottleneck
+
+RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# VGG16-BN ``features`` indices of each stage (pool5 at 43 is dropped).
+VGG_STAGES = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))
+# Inside VGG layer3 and layer4, MSANet taps the raw conv outputs (before BN) of these modules.
+VGG_TAP_MODULES = (0, 3, 6)
+
+
+@dataclass
+class Features:
+    """What the frozen backbone computes for a batch of images, reused across an episode.
+
+    ``mid`` is cat(layer3, layer2) at layer3's size (the input of down_query/down_supp);
+    ``taps`` are MSANet's per-block feature maps; ``cache`` holds further frozen results
+    (Gram matrices, base-learner logits) computed on first use.
+    """
+
+    layer2: Tensor
+    layer3: Tensor
+    layer4: Tensor
+    mid: Tensor
+    taps: list[Tensor] = field(default_factory=list)
+    image_size: tuple[int, int] = (0, 0)
+    cache: dict = field(default_factory=dict)
+
+    def __getitem__(self, index: slice) -> "Features":
+        """Batch slice (views, no copy); the cache is not carried over."""
+        return Features(self.layer2[index], self.layer3[index], self.layer4[index],
+                        self.mid[index], [t[index] for t in self.taps], self.image_size)
+
+    @property
+    def batch(self) -> int:
+        return self.layer4.shape[0]
+
+
+def resnet_layers(depth: int) -> list[nn.Module]:
+    """layer0..layer4 of the deep-stem dilated ResNet-50/101, keys as in the releases."""
+    if depth not in RESNET_BLOCKS:
+        raise ValueError(f"ResNet depth must be one of {sorted(RESNET_BLOCKS)}, got {depth}")
+
+    def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    layer0 = nn.Sequential(*conv_bn_relu(3, 64, 2), *conv_bn_relu(64, 64), *conv_bn_relu(64, 128),
+                           nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    stages, inplanes = [layer0], 128
+    # (width, stride, dilation) per stage; dilated stages keep stride 1 everywhere.
+    for blocks, (width, stride, dilation) in zip(RESNET_BLOCKS[depth],
+                                                 ((64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4))):
+        downsample = nn.Sequential(nn.Conv2d(inplanes, width * 4, 1, stride, bias=False),
+                                   nn.BatchNorm2d(width * 4))
+        layer = [Bottleneck(inplanes, width, stride, downsample, dilation=dilation)]
+        layer += [Bottleneck(width * 4, width, dilation=dilation) for _ in range(blocks - 1)]
+        stages.append(nn.Sequential(*layer))
+        inplanes = width * 4
+    return stages
+
+
+def vgg_layers() -> list[nn.Module]:
+    """layer0..layer4 of VGG16-BN with ceil-mode pools, each stage re-indexed from 0."""
+    features = vgg16_bn(weights=None).features
+    for module in features:
+        if isinstance(module, nn.MaxPool2d):
+            module.ceil_mode = True
+    return [nn.Sequential(*features[a:b]) for a, b in VGG_STAGES]
+
+
+def _bottleneck_preact(block: Bottleneck, x: Tensor) -> Tensor:
+    """A bottleneck's output before its final ReLU (the map MSANet correlates)."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.relu(block.bn2(block.conv2(out)))
+    out = block.bn3(block.conv3(out))
+    return out + (block.downsample(x) if block.downsample is not None else x)
+
+
+def run_resnet(layers: list[nn.Module], x: Tensor, with_taps: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Stage outputs and, when asked, the pre-ReLU block taps from layer1's last block on."""
+    stages, taps = [layers[0](x)], []
+    for stage_index, stage in enumerate(layers[1:], start=1):
+        feat = stages[-1]
+        for block_index, block in enumerate(stage):
+            if not with_taps:
+                feat = block(feat)
+                continue
+            pre = _bottleneck_preact(block, feat)
+            if stage_index > 1 or block_index == len(stage) - 1:
+                taps.append(pre)
+            feat = F.relu(pre)
+        stages.append(feat)
+    return stages, taps
+
+
+def run_vgg(layers: list[nn.Module], x: Tensor, with_taps: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Stage outputs and, when asked, the conv taps of layer3/layer4 plus the final output."""
+    stages, taps = [], []
+    feat = x
+    for stage_index, stage in enumerate(layers):
+        if stage_index < 3 or not with_taps:
+            feat = stage(feat)
+        else:
+            for module_index, module in enumerate(stage):
+                feat = module(feat)
+                if module_index in VGG_TAP_MODULES:
+                    taps.append(feat)
+        stages.append(feat)
+    if with_taps:
+        taps.append(feat)
+    return stages, taps

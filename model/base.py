@@ -1,0 +1,288 @@
+"""What MSANet and BAM share: backbone, base learner, meta-learner head, ensemble, k-shot weights.
+
+A prediction is computed in steps that EFTNet reuses separately:
+
+1. ``extract(images)``: frozen backbone features, computed once per image and episode;
+2. ``match(query, supports, masks)``: parameter-free support statistics per shot
+   (prior, Gram distance, correlations, resized masks), cacheable while masks stay fixed;
+3. ``embed(supports)`` + ``guide(stats, embeddings)``: the trainable support guidance
+   (prototype, prior, ...) combined over shots;
+4. ``decode(query, guidance)``: meta learner, base learner and ensemble.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.backbones import Features, resnet_layers, run_resnet, run_vgg, vgg_layers
+from model.ops import gram_distance, gram_matrix, resize, weighted_gap
+from model.pspnet import base_learner, output_size
+
+# Modules EFTNet fine-tunes, in the reference optimizer's group order (kshot_rw only for K > 1).
+ADAPTED_MODULES = ("down_query", "down_supp", "init_merge", "ASPP_meta", "res1_meta", "res2_meta",
+                   "cls_meta", "gram_merge", "cls_merge", "kshot_rw")
+BACKBONE_MODULES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass
+class Prediction:
+    """Model outputs at input resolution: ``final`` [B,2,S,S] (ensemble, not logits),
+    ``meta`` [B,2,S,S] logits and ``base`` [B,C_base,S,S] logits."""
+
+    final: Tensor
+    meta: Tensor
+    base: Tensor
+
+
+@dataclass
+class ShotStats:
+    """Parameter-free statistics of each (query, support shot) pair, every field [B, K, ...]."""
+
+    est: Tensor                      # Gram distance [B, K]
+    prior: Tensor                    # [B, K, 1, N, N]
+    mask_proto: Tensor               # support mask, bilinear at the feature size [B, K, 1, N, N]
+    mask_gam: Optional[Tensor] = None    # MSANet: nearest-resized mask for GAM
+    corr_l2: Optional[Tensor] = None     # MSANet: correlation maps per level [B, K, n, h, w]
+    corr_l3: Optional[Tensor] = None
+    corr_l4: Optional[Tensor] = None
+
+    def _map(self, fn, *others: "ShotStats") -> "ShotStats":
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = None if value is None else fn(value, *(getattr(o, f.name) for o in others))
+        return ShotStats(**values)
+
+    @staticmethod
+    def cat(parts: list["ShotStats"]) -> "ShotStats":
+        """Join shot statistics along the shot axis."""
+        return parts[0]._map(lambda *ts: torch.cat(ts, 1), *parts[1:])
+
+    def shot(self, k: int) -> "ShotStats":
+        return self._map(lambda t: t[:, k:k + 1])
+
+    def diagonal(self) -> "ShotStats":
+        """Entry [i, i] of a square [K, K] table, as [K, 1]."""
+        return self._map(lambda t: t.diagonal(0, 0, 1).movedim(-1, 0).unsqueeze(1))
+
+    def replace_diagonal(self, other: "ShotStats") -> "ShotStats":
+        """Square [K, K] table with entry [i, i] taken from ``other`` [K, 1]."""
+        def swap(t: Tensor, o: Tensor) -> Tensor:
+            eye = torch.eye(t.shape[0], dtype=torch.bool, device=t.device)
+            return torch.where(eye.view(*eye.shape, *[1] * (t.dim() - 2)), o.expand_as(t), t)
+        return self._map(swap, other)
+
+
+@dataclass
+class Guidance:
+    """Support guidance for the decoder, combined over shots. ``est`` comes from the real
+    supports only and is never blended; the other fields are (MSANet) or may be None (BAM)."""
+
+    prototype: Tensor                # [B, C, 1, 1]
+    prior: Tensor                    # [B, 1, N, N]
+    est: Tensor                      # [B, 1, 1, 1]
+    hyper: Optional[Tensor] = None   # [B, 64, N, N]
+    gam: Optional[Tensor] = None     # [B, C, N, N]
+
+    def blend(self, other: "Guidance", weights: tuple[float, float]) -> "Guidance":
+        """w0 * self + w1 * other on every field but ``est`` (EFTNet's q2s/s2q mixing)."""
+        w0, w1 = weights
+        mixed = {f.name: getattr(self, f.name) * w0 + getattr(other, f.name) * w1
+                 for f in fields(self) if f.name != "est" and getattr(self, f.name) is not None}
+        return replace(self, **mixed)
+
+
+class FewShotModel(nn.Module):
+    """Backbone + base learner + meta learner shared by MSANet and BAM (keys as released)."""
+
+    def __init__(self, backbone: str, shot: int, num_base_classes: int, merge_channels: int,
+                 reduce_dim: int = 256, kshot_trans_dim: int = 2, zoom_factor: int = 8,
+                 kshot_order_quirk: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.shot = shot
+        self.zoom_factor = zoom_factor
+        self.kshot_order_quirk = kshot_order_quirk
+        self.is_vgg = backbone == "vgg"
+        if self.is_vgg:
+            layers, fea_dim, mid_dim = vgg_layers(), 512, 512 + 256
+        elif backbone.startswith("resnet"):
+            layers, fea_dim, mid_dim = resnet_layers(int(backbone[len("resnet"):])), 2048, 1024 + 512
+        else:
+            raise ValueError(f"unknown backbone {backbone!r}: expected vgg, resnet50 or resnet101")
+        self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.learner_base = base_learner(fea_dim, num_base_classes + 1)
+
+        def reduce() -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(mid_dim, reduce_dim, 1, bias=False), nn.ReLU(inplace=True),
+                                 nn.Dropout2d(p=0.5))
+
+        self.down_query, self.down_supp = reduce(), reduce()
+        self.init_merge = nn.Sequential(nn.Conv2d(reduce_dim * 2 + merge_channels, reduce_dim, 1, bias=False),
+                                        nn.ReLU(inplace=True))
+        self.ASPP_meta = ASPP(reduce_dim)
+        self.res1_meta = nn.Sequential(nn.Conv2d(reduce_dim * 5, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
+        self.res2_meta = nn.Sequential(
+            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False), nn.ReLU(inplace=True))
+        self.cls_meta = nn.Sequential(
+            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+            nn.Dropout2d(p=0.1), nn.Conv2d(reduce_dim, 2, 1))
+        self.gram_merge = nn.Conv2d(2, 1, 1, bias=False)
+        self.cls_merge = nn.Conv2d(2, 1, 1, bias=False)
+        with torch.no_grad():  # both start as "take the first input"
+            self.gram_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+            self.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+        if shot > 1:
+            self.kshot_rw = nn.Sequential(nn.Conv2d(shot, kshot_trans_dim, 1), nn.ReLU(inplace=True),
+                                          nn.Conv2d(kshot_trans_dim, shot, 1))
+
+    # ---- 1. frozen features -------------------------------------------------------------
+    with_taps = False
+
+    @torch.no_grad()
+    def extract(self, images: Tensor) -> Features:
+        """Backbone features of [N,3,S,S] images (no autograd: the backbone is frozen)."""
+        layers = [self.layer0, self.layer1, self.layer2, self.layer3, self.layer4]
+        run = run_vgg if self.is_vgg else run_resnet
+        stages, taps = run(layers, images, self.with_taps)
+        l2, l3, l4 = stages[2:]
+        mid = torch.cat([l3, resize(l2, l3.shape[-2:]) if self.is_vgg else l2], 1)
+        return Features(l2, l3, l4, mid, taps, tuple(images.shape[-2:]))
+
+    def gram(self, feats: Features) -> Tensor:
+        """Gram matrix of the low-level features, cached on ``feats``."""
+        if "gram" not in feats.cache:
+            with torch.no_grad():
+                feats.cache["gram"] = gram_matrix(self.gram_input(feats))
+        return feats.cache["gram"]
+
+    def gram_input(self, feats: Features) -> Tensor:
+        return feats.layer2
+
+    def base_prediction(self, feats: Features) -> Tensor:
+        """Frozen base-learner logits at input resolution, cached on ``feats``."""
+        if "base" not in feats.cache:
+            size = [output_size(s, self.zoom_factor) for s in feats.image_size]
+            feats.cache["base"] = resize(self.learner_base_low(feats), size)
+        return feats.cache["base"]
+
+    # ---- 2. parameter-free statistics ---------------------------------------------------
+    def match(self, query: Features, support: Features, masks: Tensor) -> ShotStats:
+        """Statistics of each query against its K supports. ``masks`` [Bs,K,S,S] (1 = fg);
+        ``support`` holds Bs*K images, Bs equal to the query batch or 1 (shared)."""
+        raise NotImplementedError
+
+    def _est(self, query: Features, support: Features, bs: int) -> Tensor:
+        support_gram = self.gram(support)
+        return gram_distance(self.gram(query), support_gram.reshape(bs, -1, *support_gram.shape[1:]))
+
+    # ---- 3. trainable guidance ----------------------------------------------------------
+    def embed(self, support: Features) -> Tensor:
+        """down_supp features of support images [N, C, h, w]."""
+        return self.down_supp(support.mid)
+
+    def shot_weights(self, est: Tensor) -> Tensor:
+        """Softmax shot weights [B, K] from the Gram distances (all ones for one shot)."""
+        k = est.shape[1]
+        if k == 1:
+            return torch.ones_like(est)
+        if k != self.shot:
+            raise ValueError(f"this model was built for {self.shot} shots, got {k} supports")
+        sorted_est, order = est.sort(1)
+        weight = self.kshot_rw(sorted_est[..., None, None]).flatten(1)
+        if not self.kshot_order_quirk:  # map each weight back to the support it was computed for
+            weight = weight.gather(1, order.argsort(1))
+        # MSANet's quirk: weights computed in sorted order are applied in the original order.
+        return weight.softmax(1)
+
+    def guide(self, stats: ShotStats, embeddings: Tensor) -> Guidance:
+        """Combine the K shots of ``stats`` with support embeddings [B, K, C, h, w]."""
+        raise NotImplementedError
+
+    def _prototype_prior_est(self, stats: ShotStats, embeddings: Tensor) -> tuple[Tensor, ...]:
+        weights = self.shot_weights(stats.est)                                      # [B, K]
+        prototypes = weighted_gap(embeddings.flatten(0, 1), stats.mask_proto.flatten(0, 1))
+        prototypes = prototypes.reshape(*weights.shape, -1, 1, 1)
+        w = weights[..., None, None, None]
+        prototype = (w * prototypes).sum(1)
+        prior = (w * stats.prior).sum(1)
+        est = (weights * stats.est).sum(1).view(-1, 1, 1, 1)
+        return prototype, prior, est
+
+    # ---- 4. decoding --------------------------------------------------------------------
+    def merge_inputs(self, guidance: Guidance) -> list[Tensor]:
+        """Guidance maps concatenated after the query feature and the tiled prototype."""
+        raise NotImplementedError
+
+    def decode(self, query: Features, guidance: Guidance) -> Prediction:
+        query_feat = self.down_query(query.mid)
+        merged = torch.cat([query_feat, guidance.prototype.expand_as(query_feat), *self.merge_inputs(guidance)], 1)
+        x = self.res1_meta(self.ASPP_meta(self.init_merge(merged)))
+        x = self.res2_meta(x) + x
+        meta = self.cls_meta(x)
+        base = self.base_prediction(query)
+        final = self.ensemble(meta, self.learner_base_low(query), guidance.est)
+        size = base.shape[-2:]
+        return Prediction(resize(final, size), resize(meta, size), base)
+
+    def learner_base_low(self, query: Features) -> Tensor:
+        """Base-learner logits at feature resolution (cached; the ensemble works there)."""
+        if "base_low" not in query.cache:
+            with torch.no_grad():
+                query.cache["base_low"] = self.learner_base(query.layer4)
+        return query.cache["base_low"]
+
+    def ensemble(self, meta: Tensor, base: Tensor, est: Tensor) -> Tensor:
+        """BAM ensemble: Gram-adjusted meta probabilities, background merged with base classes."""
+        meta_soft = meta.softmax(1)
+        base_map = base.softmax(1)[:, 1:].sum(1, True)
+        est_map = est.expand_as(meta_soft[:, 1:])
+        bg = self.gram_merge(torch.cat([meta_soft[:, :1], est_map], 1))
+        fg = self.gram_merge(torch.cat([meta_soft[:, 1:], est_map], 1))
+        return torch.cat([self.cls_merge(torch.cat([bg, base_map], 1)), fg], 1)
+
+    # ---- the plain model ----------------------------------------------------------------
+    def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Prediction:
+        """Base-model prediction: query [B,3,S,S], supports [B,K,3,S,S], masks [B,K,S,S] (0/1/255)."""
+        query = self.extract(query_img)
+        support = self.extract(support_imgs.flatten(0, 1))
+        stats = self.match(query, support, support_masks)
+        embeddings = self.embed(support)
+        return self.decode(query, self.guide(stats, embeddings.reshape(*support_masks.shape[:2], *embeddings.shape[1:])))
+
+    def adapted_modules(self) -> list[nn.Module]:
+        """The meta-learner modules EFTNet fine-tunes (the reference optimizer's groups)."""
+        return [getattr(self, name) for name in ADAPTED_MODULES if hasattr(self, name)]
+
+    def train(self, mode: bool = True) -> "FewShotModel":
+        """Frozen parts (backbone, base learner) stay in eval mode whatever ``mode`` is."""
+        super().train(mode)
+        for name in (*BACKBONE_MODULES, "learner_base"):
+            getattr(self, name).eval()
+        return self
+
+
+class ASPP(nn.Module):
+    """Five parallel branches (global pool, 1x1, 3x3 at dilation 6/12/18), each conv + ReLU."""
+
+    def __init__(self, channels: int = 256):
+        super().__init__()
+        self.layer6_0 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU())
+        self.layer6_1 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU())
+        self.layer6_2 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=6, dilation=6), nn.ReLU())
+        self.layer6_3 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=12, dilation=12), nn.ReLU())
+        self.layer6_4 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=18, dilation=18), nn.ReLU())
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        pooled = self.layer6_0(F.avg_pool2d(x, kernel_size=size)).expand(-1, -1, *size)
+        return torch.cat([pooled, self.layer6_1(x), self.layer6_2(x), self.layer6_3(x), self.layer6_4(x)], 1)
+

@@ -1,0 +1,84 @@
+"""MSANet (BAM + multi-similarity correlation + guided attention), eval-mode forward as released."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.backbones import Features
+from model.base import FewShotModel, Guidance, ShotStats
+from model.ops import chained_masks, cosine_prior, masked_correlation, resize
+
+# Correlation maps per level (l2, l3, l4), counted from the end of the tap list; the
+# ResNet layer1 tap is never used by any output, so it is not correlated at all.
+CORRELATION_LEVELS = {"resnet50": (4, 6, 3), "resnet101": (4, 23, 3), "vgg": (3, 3, 1)}
+HYPER_CHANNELS = 64
+
+
+class GuidedAttention(nn.Module):
+    """GAM: channel gates from the masked support feature, applied to the whole feature map."""
+
+    def __init__(self, channels: int, drop_rate: float = 0.5):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, channels, 1),
+                                  nn.Dropout(p=drop_rate), nn.Sigmoid())
+
+    def forward(self, feat: Tensor, mask: Tensor) -> Tensor:
+        # The reference pools over all positions (not normalised by the mask area).
+        return self.gate(F.adaptive_avg_pool2d(feat * mask, 1)) * feat
+
+
+class MSANet(FewShotModel):
+    with_taps = True
+
+    def __init__(self, backbone: str, shot: int, num_base_classes: int, reduce_dim: int = 256,
+                 kshot_trans_dim: int = 2, zoom_factor: int = 8, kshot_order_quirk: bool = True,
+                 vgg_l2_last_shot_quirk: bool = True):
+        if backbone not in CORRELATION_LEVELS:
+            raise ValueError(f"MSANet backbone must be one of {sorted(CORRELATION_LEVELS)}, got {backbone!r}")
+        super().__init__(backbone, shot, num_base_classes, reduce_dim + HYPER_CHANNELS + 1, reduce_dim,
+                         kshot_trans_dim, zoom_factor, kshot_order_quirk)
+        self.levels = CORRELATION_LEVELS[backbone]
+        self.vgg_l2_last_shot_quirk = vgg_l2_last_shot_quirk
+        self.gam = GuidedAttention(reduce_dim)
+        self.hyper_final = nn.Sequential(nn.Conv2d(sum(self.levels), HYPER_CHANNELS, 1, padding="same"),
+                                         nn.BatchNorm2d(HYPER_CHANNELS), nn.ReLU(inplace=True))
+
+    def match(self, query: Features, support: Features, masks: Tensor) -> ShotStats:
+        bs, k = masks.shape[:2]
+        full = (masks == 1).float().flatten(0, 1).unsqueeze(1)                     # [Bs*K, 1, S, S]
+        size = support.layer3.shape[-2:]
+        prior = cosine_prior(query.layer4, support.layer4, full.view(bs, k, *full.shape[1:]), query.layer3.shape[-2:])
+        batch = prior.shape[0]
+
+        def per_shot(t: Tensor) -> Tensor:
+            return t.reshape(bs, k, *t.shape[1:]).expand(batch, -1, *t.shape[1:])
+
+        chain = chained_masks(full, [t.shape[-2:] for t in support.taps])
+        first = len(support.taps) - sum(self.levels)
+        maps = [masked_correlation(query.taps[i], support.taps[i], chain[i], bs)
+                for i in range(first, len(support.taps))]
+        n2, n3, _ = self.levels
+        return ShotStats(est=self._est(query, support, bs).expand(batch, -1), prior=prior,
+                         mask_proto=per_shot(resize(full, size)), mask_gam=per_shot(resize(full, size, "nearest")),
+                         corr_l2=torch.cat(maps[:n2], 2), corr_l3=torch.cat(maps[n2:n2 + n3], 2),
+                         corr_l4=torch.cat(maps[n2 + n3:], 2))
+
+    def guide(self, stats: ShotStats, embeddings: Tensor) -> Guidance:
+        prototype, prior, est = self._prototype_prior_est(stats, embeddings)
+        batch, k = stats.est.shape
+        gam = self.gam(embeddings.flatten(0, 1), stats.mask_gam.flatten(0, 1))
+        gam = gam.reshape(batch, k, *gam.shape[1:]).sum(1) / k
+        l3 = stats.corr_l3.sum(1) / k
+        l4 = stats.corr_l4.sum(1) / k
+        if self.is_vgg:
+            # MSANet reads the last shot's layer3 correlation only (a bug kept for the released weights).
+            l2 = stats.corr_l2[:, -1] if self.vgg_l2_last_shot_quirk else stats.corr_l2.sum(1) / k
+            l2 = resize(l2, l3.shape[-2:])
+        else:
+            l2 = stats.corr_l2.sum(1) / k
+        hyper = self.hyper_final(torch.cat([l2, l3, l4], 1))
+        return Guidance(prototype=prototype, prior=prior, est=est, hyper=hyper, gam=gam)
+
+    def merge_inputs(self, guidance: Guidance) -> list[Tensor]:
+        return [guidance.hyper, guidance.prior, guidance.gam]
