@@ -41,9 +41,10 @@ class Features:
     cache: dict = field(default_factory=dict)
 
     def __getitem__(self, index: slice) -> "Features":
-        """Batch slice (views, no copy); the cache is not carried over."""
-        return Features(self.layer2[index], self.layer3[index], self.layer4[index],
-                        self.mid[index], [t[index] for t in self.taps], self.image_size)
+        """Batch slice (views, no copy), cached results included."""
+        return Features(self.layer2[index], self.layer3[index], self.layer4[index], self.mid[index],
+                        [t[index] for t in self.taps], self.image_size,
+                        {key: value[index] for key, value in self.cache.items()})
 
     @property
     def batch(self) -> int:

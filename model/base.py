@@ -58,9 +58,9 @@ class ShotStats:
         return ShotStats(**values)
 
     @staticmethod
-    def cat(parts: list["ShotStats"]) -> "ShotStats":
-        """Join shot statistics along the shot axis."""
-        return parts[0]._map(lambda *ts: torch.cat(ts, 1), *parts[1:])
+    def cat(parts: list["ShotStats"], dim: int = 1) -> "ShotStats":
+        """Join statistics along the shot axis (dim 1) or the query axis (dim 0)."""
+        return parts[0]._map(lambda *ts: torch.cat(ts, dim), *parts[1:])
 
     def shot(self, k: int) -> "ShotStats":
         return self._map(lambda t: t[:, k:k + 1])

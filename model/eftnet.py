@@ -1,0 +1,213 @@
+"""EFTNet: meta-test-time fine-tuning of a few-shot segmenter's meta learner, per episode.
+
+For every episode: save the adapted head parameters, predict once with the base model
+(the zero round), then run ``ft_number`` rounds. Each round scores the current weights by
+support-to-query (s2q) re-segmentation of the supports, predicts the query by
+query-to-support (q2s) guidance (real supports blended with the query under its most
+confident pseudo mask), and takes one SGD step towards the previous round's prediction.
+The round with the best s2q score is the answer; then the parameters are restored.
+
+Reference behaviour kept on purpose (spec/eftnet_reference.md, section 2):
+- a round's score and prediction come from the weights *before* its step, so the last
+  step is never used (and is skipped here);
+- round 1 is always accepted (scores start at 0, compared with ``>=``) and ties go to the
+  later round, so the zero round itself is never returned;
+- the q2s pseudo mask keeps the top ``q2s_filt_para`` fraction of the predicted foreground,
+  and with too few foreground pixels for even one (fewer than 5 at 0.2) it covers the whole
+  canvas, padding included;
+- everything runs in eval mode (dropout off, BatchNorm on running statistics).
+The one deliberate difference: by default (``s2q_query_mask: pseudo``) the query takes
+its pseudo label when it stands in as a support in s2q; the reference reads the query's
+ground truth there, which ``s2q_query_mask: ground_truth`` reproduces.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.base import FewShotModel, Guidance, Prediction, ShotStats
+
+IGNORE = 255
+IOU_EPS = 1e-10
+
+
+@dataclass
+class AdaptResult:
+    """Outputs of the chosen round, plus what happened on the way."""
+
+    final: Tensor
+    meta: Tensor
+    base: Tensor
+    zero_round: Prediction
+    round_scores: list[float]
+    chosen_round: int
+    losses: list[float] = field(default_factory=list)
+    pseudo_mask: Optional[Tensor] = None     # round 1's q2s support mask of the query
+    stopped_early: bool = False              # a non-finite loss ended the rounds
+
+
+def round_learning_rate(base_lr: float, rounds: int, index: int, power: float) -> float:
+    """The reference's poly schedule over N rounds (divisor N + 1, so it never reaches 0)."""
+    return base_lr * (1 - index / (rounds + 1)) ** power + 1e-10
+
+
+def pseudo_label(final: Tensor, padding: Optional[Tensor]) -> Tensor:
+    """Argmax of a prediction [B,2,S,S] with the padded canvas ignored -> [B,S,S] int64."""
+    label = final.argmax(1)
+    if padding is not None:
+        label = label.masked_fill(padding, IGNORE)
+    return label
+
+
+def confident_foreground(final: Tensor, fraction: float) -> Tensor:
+    """The q2s support mask: the top ``fraction`` of the predicted foreground, by confidence.
+
+    With fewer foreground pixels than 1 / fraction the reference's index is 0 and its
+    threshold becomes the smallest value of the zero-filled map, so every pixel is kept.
+    """
+    prob = final.softmax(1)[:, 1]
+    filtered = torch.where(prob > 0.5, prob, torch.zeros_like(prob)).flatten()
+    keep = int(int((filtered > 0).sum()) * fraction)
+    threshold = filtered.kthvalue(filtered.numel() - keep + 1).values if keep > 0 else filtered.min()
+    return (prob >= threshold + 1e-10).float()
+
+
+def foreground_iou(final: Tensor, mask: Tensor) -> Tensor:
+    """Per-item IoU of predicted foreground with ``mask == 1`` (255 counts as background)."""
+    pred = final.argmax(1) == 1
+    label = mask == 1
+    inter = (pred & label).flatten(1).sum(1).float()
+    union = (pred | label).flatten(1).sum(1).float()
+    return inter / (union + IOU_EPS)
+
+
+class EFTNet:
+    """Fine-tunes ``base_model``'s meta learner on each episode's query; adds no parameters."""
+
+    def __init__(self, base_model: FewShotModel, cfg):
+        self.model = base_model
+        self.rounds = int(cfg.ft_number)
+        self.base_lr = float(cfg.ft_base_lr)
+        self.power = float(cfg.ft_power)
+        self.momentum = float(cfg.momentum)
+        self.weight_decay = float(cfg.weight_decay)
+        self.aux_weight = float(cfg.sr_aux_weight1)
+        self.weights = tuple(float(w) for w in cfg.change_weighting)
+        self.fraction = float(cfg.q2s_filt_para)
+        self.query_mask_source = cfg.s2q_query_mask
+        if self.rounds < 1:
+            raise ValueError(f"ft_number must be >= 1 for EFTNet, got {self.rounds}")
+        if self.query_mask_source not in ("pseudo", "ground_truth"):
+            raise ValueError(f"s2q_query_mask must be 'pseudo' or 'ground_truth', got {self.query_mask_source!r}")
+        self.groups = [list(m.parameters()) for m in base_model.adapted_modules()]
+        self.params = [p for group in self.groups for p in group]
+
+    # ---- the episode loop ----------------------------------------------------------------
+    def adapt(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor,
+              padding: Optional[Tensor] = None, query_mask: Optional[Tensor] = None) -> AdaptResult:
+        """Adapt on one episode (batch size 1, as in the reference); weights are restored after."""
+        if query_img.shape[0] != 1:
+            raise ValueError(f"EFTNet adapts one episode at a time (batch size 1), got a batch of {query_img.shape[0]}")
+        if self.query_mask_source == "ground_truth" and query_mask is None:
+            raise ValueError("s2q_query_mask is 'ground_truth' but no query_mask was given")
+        with self._episode():
+            return self._adapt_episode(query_img, support_imgs[0], support_masks, padding, query_mask)
+
+    @contextmanager
+    def _episode(self) -> Iterator[None]:
+        """Eval mode, gradients for the adapted parameters only, and their values restored."""
+        model = self.model
+        was_training = model.training
+        requires = {p: p.requires_grad for p in model.parameters()}
+        saved = [p.detach().clone() for p in self.params]
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, saved):
+                    p.copy_(value)
+                    p.grad = None
+            for p, flag in requires.items():
+                p.requires_grad_(flag)
+            model.train(was_training)
+
+    def _adapt_episode(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor,
+                       padding: Optional[Tensor], query_mask: Optional[Tensor]) -> AdaptResult:
+        model = self.model
+        query, supports = model.extract(query_img), model.extract(support_imgs)
+        with torch.no_grad():  # parameter-free statistics of the fixed support masks: once per episode
+            real = model.match(query, supports, support_masks)
+            pairs = ShotStats.cat([model.match(supports[k:k + 1], supports, support_masks)
+                                   for k in range(supports.batch)], dim=0)
+            zero = model.decode(query, model.guide(real, model.embed(supports)[None]))
+        optimizer = torch.optim.SGD([{"params": g} for g in self.groups], lr=self.base_lr,
+                                    momentum=self.momentum, weight_decay=self.weight_decay)
+        previous, best, best_score, chosen = zero.final, zero, 0.0, 0
+        scores, losses, first_mask, stopped = [], [], None, False
+        for index in range(self.rounds):
+            for group in optimizer.param_groups:
+                group["lr"] = round_learning_rate(self.base_lr, self.rounds, index, self.power)
+            label = pseudo_label(previous, padding)
+            steps = index < self.rounds - 1  # the last step's weights would never be scored
+            with torch.set_grad_enabled(steps):
+                support_embed, query_embed = model.embed(supports), model.embed(query)
+                with torch.no_grad():
+                    score = self._s2q_score(query, supports, support_masks, pairs, support_embed, query_embed,
+                                            query_mask if self.query_mask_source == "ground_truth" else label)
+                mask = confident_foreground(previous, self.fraction)
+                prediction = self._q2s(query, supports, real, support_embed, query_embed, mask)
+            first_mask = mask if first_mask is None else first_mask
+            scores.append(score)
+            if score >= best_score:
+                best, best_score, chosen = prediction, score, index + 1
+            if steps:
+                loss = (F.cross_entropy(prediction.final, label, ignore_index=IGNORE)
+                        + self.aux_weight * F.cross_entropy(prediction.meta, label, ignore_index=IGNORE))
+                losses.append(float(loss))
+                if not math.isfinite(losses[-1]):
+                    stopped = True
+                    break
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            previous = prediction.final.detach()
+        return AdaptResult(best.final.detach(), best.meta.detach(), best.base, zero, scores, chosen,
+                           losses, first_mask, stopped)
+
+    # ---- the two branches ----------------------------------------------------------------
+    def _q2s(self, query, supports, real: ShotStats, support_embed: Tensor, query_embed: Tensor,
+             mask: Tensor) -> Prediction:
+        """Query prediction from the real supports blended with the query under its pseudo mask."""
+        model = self.model
+        with torch.no_grad():
+            same = model.match(query, query, mask[:, None])
+        guidance = model.guide(real, support_embed[None]).blend(model.guide(same, query_embed[None]), self.weights)
+        return model.decode(query, guidance)
+
+    def _s2q_score(self, query, supports, support_masks: Tensor, pairs: ShotStats, support_embed: Tensor,
+                   query_embed: Tensor, query_mask: Tensor) -> float:
+        """Mean IoU of re-segmenting each support k, with the query (under ``query_mask``) in
+        place of support k and support k itself (under its own mask) as the blended same-image
+        support. All K supports are segmented in one batch."""
+        model = self.model
+        k = supports.batch
+        with_query = model.match(supports, query, query_mask[:, None])               # [K, 1]
+        different = pairs.replace_diagonal(with_query)                               # [K, K]
+        eye = torch.eye(k, dtype=torch.bool, device=support_embed.device).view(k, k, 1, 1, 1)
+        different_embed = torch.where(eye, query_embed[None], support_embed[None].expand(k, -1, -1, -1, -1))
+        guidance: Guidance = model.guide(different, different_embed).blend(
+            model.guide(pairs.diagonal(), support_embed[:, None]), self.weights)
+        prediction = model.decode(supports, guidance)
+        return float(foreground_iou(prediction.final, support_masks[0]).mean())
+

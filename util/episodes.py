@@ -1,0 +1,95 @@
+"""Episode lists: which query, class and supports each test episode uses.
+
+The reference draws episodes with Python's ``random`` inside the DataLoader workers, so they
+change with the worker count. Here the whole list is drawn up front from one NumPy Generator
+seeded with ``seed`` and consumed in a fixed order, then handed to the dataset as data (and
+saved with the results so that a run can be repeated exactly, also across NumPy versions,
+whose Generator streams are not guaranteed to stay the same).
+
+Protocol kept from the reference (spec: base_models_and_data.md, 4.4): queries in list order,
+cycling until ``num_episodes``; the class is drawn uniformly among the novel classes present in
+the query label (no pixel-count filter); ``shot`` supports are drawn without replacement from the
+class's file list, never the query itself; supports are stored in the order the model sees them,
+which is the REVERSE of the draw order (the reference builds the support tensor by prepending,
+so index 0 is the last support drawn).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from util.lists import Pair, read_label
+
+FORMAT = "eftnet-episodes/1"
+
+
+@dataclass
+class Episode:
+    query: Pair                # (image, label) paths, relative to data_root as stored
+    class_id: int              # the novel class segmented in this episode
+    supports: list[Pair]       # model order: supports[0] is the last one drawn
+
+
+def make_episodes(data_list: list[Pair], sub_class_file_list: dict[int, list[Pair]],
+                  novel: list[int], shot: int, num_episodes: int, seed: int,
+                  label_reader: Callable[[str], np.ndarray] = read_label) -> list[Episode]:
+    """Draw ``num_episodes`` episodes (see module doc); the result depends only on the inputs."""
+    if not data_list:
+        raise ValueError("the data list is empty: no query images")
+    if shot < 1 or num_episodes < 1:
+        raise ValueError(f"shot and num_episodes must be >= 1, got {shot} and {num_episodes}")
+    novel_set = set(novel)
+    present: dict[Pair, list[int]] = {}  # query -> novel classes in its label, read once
+    for i in range(min(num_episodes, len(data_list))):
+        query = tuple(data_list[i])
+        if query not in present:
+            present[query] = sorted(novel_set.intersection(
+                np.unique(label_reader(query[1])).tolist()))
+        if not present[query]:
+            raise ValueError(f"data list entry {i} (line {i + 1}) {data_list[i][1]} holds none "
+                             f"of the fold's novel classes {sorted(novel_set)}")
+    pools: dict[int, list[Pair]] = {}  # class -> its file list as tuples, built once
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for e in range(num_episodes):
+        query = tuple(data_list[e % len(data_list)])
+        classes = present[query]
+        class_id = classes[int(rng.integers(len(classes)))]
+        if class_id not in pools:
+            if class_id not in sub_class_file_list:
+                raise ValueError(f"class {class_id} (query {query[0]}) has no entry in the "
+                                 "sub-class file list")
+            pools[class_id] = [tuple(p) for p in sub_class_file_list[class_id]]
+        pool = [p for p in pools[class_id] if p != query]
+        if len(pool) < shot:
+            raise ValueError(f"class {class_id} has {len(pool)} support candidates besides the "
+                             f"query {query[0]}, fewer than shot={shot}")
+        drawn = [pool[j] for j in rng.choice(len(pool), size=shot, replace=False)]
+        episodes.append(Episode(query, class_id, drawn[::-1]))
+    return episodes
+
+
+def save_episodes(path: str, episodes: list[Episode], meta: dict) -> None:
+    """Write episodes and free-form metadata (seed, fold, shot, ...) as JSON."""
+    doc = {"format": FORMAT, "meta": meta,
+           "episodes": [{"query": list(e.query), "class_id": e.class_id,
+                         "supports": [list(s) for s in e.supports]} for e in episodes]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+def load_episodes(path: str) -> tuple[list[Episode], dict]:
+    """Read a file written by save_episodes; returns (episodes, meta)."""
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an episode file (expected format {FORMAT!r})")
+    try:
+        episodes = [Episode((e["query"][0], e["query"][1]), int(e["class_id"]),
+                            [(s[0], s[1]) for s in e["supports"]]) for e in doc["episodes"]]
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: malformed episode entry ({err!r})") from None
+    return episodes, doc.get("meta", {})
