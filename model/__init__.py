@@ -15,7 +15,7 @@ def build_model(cfg) -> FewShotModel:
 
     common = dict(backbone=backbone_name(cfg), shot=cfg.shot,
                   num_base_classes=len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
-                  reduce_dim=cfg.reduce_dim, kshot_trans_dim=cfg.kshot_trans_dim, zoom_factor=cfg.zoom_factor)
+                  reduce_dim=cfg.reduce_dim, base_width=cfg.base_width, kshot_trans_dim=cfg.kshot_trans_dim, zoom_factor=cfg.zoom_factor)
     if cfg.arch == "MSANet":
         return MSANet(**common, kshot_order_quirk=cfg.kshot_order_quirk,
                       vgg_l2_last_shot_quirk=cfg.vgg_l2_last_shot_quirk)

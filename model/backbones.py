@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import vgg16_bn
+from torchvision.models import mobilenet_v2, vgg16_bn
 from torchvision.models.resnet import Bottleneck
 
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -21,6 +21,10 @@ RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 VGG_STAGES = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))
 # Inside VGG layer3 and layer4, MSANet taps the raw conv outputs (before BN) of these modules.
 VGG_TAP_MODULES = (0, 3, 6)
+# MobileNetV2 (the demo's small ImageNet backbone): ``features`` slices and the dilation of
+# the depthwise convs in layer3/layer4 that keep output stride 8 (160 channels at the end).
+MOBILENET_STAGES = ((0, 2), (2, 4), (4, 7), (7, 14), (14, 17))
+MOBILENET_DILATIONS = {3: 2, 4: 4}
 
 
 @dataclass
@@ -44,7 +48,8 @@ class Features:
         """Batch slice (views, no copy), cached results included."""
         return Features(self.layer2[index], self.layer3[index], self.layer4[index], self.mid[index],
                         [t[index] for t in self.taps], self.image_size,
-                        {key: value[index] for key, value in self.cache.items()})
+                        {key: [v[index] for v in value] if isinstance(value, list) else value[index]
+                         for key, value in self.cache.items()})
 
     @property
     def batch(self) -> int:
@@ -83,16 +88,23 @@ def vgg_layers() -> list[nn.Module]:
     return [nn.Sequential(*features[a:b]) for a, b in VGG_STAGES]
 
 
-def _bottleneck_preact(block: Bottleneck, x: Tensor) -> Tensor:
-    """A bottleneck's output before its final ReLU (the map MSANet correlates)."""
+def _bottleneck_tap(block: Bottleneck, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A bottleneck's output before its final ReLU (the map MSANet correlates), and after."""
     out = block.relu(block.bn1(block.conv1(x)))
     out = block.relu(block.bn2(block.conv2(out)))
-    out = block.bn3(block.conv3(out))
-    return out + (block.downsample(x) if block.downsample is not None else x)
+    pre = block.bn3(block.conv3(out)) + (block.downsample(x) if block.downsample is not None else x)
+    return pre, F.relu(pre)
 
 
-def run_resnet(layers: list[nn.Module], x: Tensor, with_taps: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """Stage outputs and, when asked, the pre-ReLU block taps from layer1's last block on."""
+def _linear_block_tap(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """MobileNetV2 blocks end without an activation: the tap is the output."""
+    out = block(x)
+    return out, out
+
+
+def run_blocks(layers: list[nn.Module], x: Tensor, with_taps: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Stage outputs of a residual-block backbone and, when asked, one tap per block from
+    layer1's last block on (ResNet: pre-ReLU block outputs; MobileNetV2: block outputs)."""
     stages, taps = [layers[0](x)], []
     for stage_index, stage in enumerate(layers[1:], start=1):
         feat = stages[-1]
@@ -100,10 +112,9 @@ def run_resnet(layers: list[nn.Module], x: Tensor, with_taps: bool) -> tuple[lis
             if not with_taps:
                 feat = block(feat)
                 continue
-            pre = _bottleneck_preact(block, feat)
+            tap, feat = (_bottleneck_tap if isinstance(block, Bottleneck) else _linear_block_tap)(block, feat)
             if stage_index > 1 or block_index == len(stage) - 1:
-                taps.append(pre)
-            feat = F.relu(pre)
+                taps.append(tap)
         stages.append(feat)
     return stages, taps
 
@@ -124,3 +135,32 @@ def run_vgg(layers: list[nn.Module], x: Tensor, with_taps: bool) -> tuple[list[T
     if with_taps:
         taps.append(feat)
     return stages, taps
+
+
+def mobilenet_layers() -> list[nn.Module]:
+    """layer0..layer4 of MobileNetV2 with dilated depthwise convs (output stride 8)."""
+    features = mobilenet_v2(weights=None).features
+    for stage_index, dilation in MOBILENET_DILATIONS.items():
+        start, end = MOBILENET_STAGES[stage_index]
+        for module in features[start:end].modules():
+            if isinstance(module, nn.Conv2d) and module.groups > 1:
+                module.stride, module.dilation, module.padding = (1, 1), (dilation, dilation), (dilation, dilation)
+    return [nn.Sequential(*features[a:b]) for a, b in MOBILENET_STAGES]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build and run a backbone, and its widths (layer4, and cat(layer3, layer2))."""
+
+    build: object
+    run: object
+    fea_dim: int
+    mid_dim: int
+
+
+BACKBONES = {
+    "resnet50": BackboneSpec(lambda: resnet_layers(50), run_blocks, 2048, 1024 + 512),
+    "resnet101": BackboneSpec(lambda: resnet_layers(101), run_blocks, 2048, 1024 + 512),
+    "vgg": BackboneSpec(vgg_layers, run_vgg, 512, 512 + 256),
+    "mobilenetv2": BackboneSpec(mobilenet_layers, run_blocks, 160, 96 + 32),
+}

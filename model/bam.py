@@ -11,9 +11,9 @@ from model.ops import cosine_prior, resize
 
 class BAM(FewShotModel):
     def __init__(self, backbone: str, shot: int, num_base_classes: int, reduce_dim: int = 256,
-                 kshot_trans_dim: int = 2, zoom_factor: int = 8):
+                 kshot_trans_dim: int = 2, zoom_factor: int = 8, base_width: int = 512):
         super().__init__(backbone, shot, num_base_classes, 1, reduce_dim, kshot_trans_dim, zoom_factor,
-                         kshot_order_quirk=False)
+                         kshot_order_quirk=False, base_width=base_width)
 
     def gram_input(self, feats: Features) -> Tensor:
         # BAM-VGG overwrites layer2 with its layer3-sized copy before the Gram matrix.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.backbones import Features, resnet_layers, run_resnet, run_vgg, vgg_layers
+from model.backbones import BACKBONES, Features
 from model.ops import gram_distance, gram_matrix, resize, weighted_gap
 from model.pspnet import base_learner, output_size
 
@@ -101,21 +101,19 @@ class FewShotModel(nn.Module):
 
     def __init__(self, backbone: str, shot: int, num_base_classes: int, merge_channels: int,
                  reduce_dim: int = 256, kshot_trans_dim: int = 2, zoom_factor: int = 8,
-                 kshot_order_quirk: bool = False):
+                 kshot_order_quirk: bool = False, base_width: int = 512):
         super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}: expected one of {sorted(BACKBONES)}")
         self.backbone = backbone
+        self.spec = BACKBONES[backbone]
         self.shot = shot
         self.zoom_factor = zoom_factor
         self.kshot_order_quirk = kshot_order_quirk
         self.is_vgg = backbone == "vgg"
-        if self.is_vgg:
-            layers, fea_dim, mid_dim = vgg_layers(), 512, 512 + 256
-        elif backbone.startswith("resnet"):
-            layers, fea_dim, mid_dim = resnet_layers(int(backbone[len("resnet"):])), 2048, 1024 + 512
-        else:
-            raise ValueError(f"unknown backbone {backbone!r}: expected vgg, resnet50 or resnet101")
-        self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.learner_base = base_learner(fea_dim, num_base_classes + 1)
+        self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = self.spec.build()
+        self.learner_base = base_learner(self.spec.fea_dim, num_base_classes + 1, base_width)
+        mid_dim = self.spec.mid_dim
 
         def reduce() -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(mid_dim, reduce_dim, 1, bias=False), nn.ReLU(inplace=True),
@@ -148,28 +146,30 @@ class FewShotModel(nn.Module):
     def extract(self, images: Tensor) -> Features:
         """Backbone features of [N,3,S,S] images (no autograd: the backbone is frozen)."""
         layers = [self.layer0, self.layer1, self.layer2, self.layer3, self.layer4]
-        run = run_vgg if self.is_vgg else run_resnet
-        stages, taps = run(layers, images, self.with_taps)
+        stages, taps = self.spec.run(layers, images, self.with_taps)
         l2, l3, l4 = stages[2:]
         mid = torch.cat([l3, resize(l2, l3.shape[-2:]) if self.is_vgg else l2], 1)
         return Features(l2, l3, l4, mid, taps, tuple(images.shape[-2:]))
 
-    def gram(self, feats: Features) -> Tensor:
-        """Gram matrix of the low-level features, cached on ``feats``."""
-        if "gram" not in feats.cache:
+    @staticmethod
+    def cached(feats: Features, key: str, compute):
+        """``compute(feats)`` once per Features object (frozen inputs, so never stale)."""
+        if key not in feats.cache:
             with torch.no_grad():
-                feats.cache["gram"] = gram_matrix(self.gram_input(feats))
-        return feats.cache["gram"]
+                feats.cache[key] = compute(feats)
+        return feats.cache[key]
+
+    def gram(self, feats: Features) -> Tensor:
+        """Gram matrix of the low-level features."""
+        return self.cached(feats, "gram", lambda f: gram_matrix(self.gram_input(f)))
 
     def gram_input(self, feats: Features) -> Tensor:
         return feats.layer2
 
     def base_prediction(self, feats: Features) -> Tensor:
-        """Frozen base-learner logits at input resolution, cached on ``feats``."""
-        if "base" not in feats.cache:
-            size = [output_size(s, self.zoom_factor) for s in feats.image_size]
-            feats.cache["base"] = resize(self.learner_base_low(feats), size)
-        return feats.cache["base"]
+        """Frozen base-learner logits at input resolution."""
+        size = [output_size(s, self.zoom_factor) for s in feats.image_size]
+        return self.cached(feats, "base", lambda f: resize(self.learner_base_low(f), size))
 
     # ---- 2. parameter-free statistics ---------------------------------------------------
     def match(self, query: Features, support: Features, masks: Tensor) -> ShotStats:
@@ -219,28 +219,31 @@ class FewShotModel(nn.Module):
         """Guidance maps concatenated after the query feature and the tiled prototype."""
         raise NotImplementedError
 
-    def decode(self, query: Features, guidance: Guidance) -> Prediction:
+    def decode(self, query: Features, guidance: Guidance, exclude: Optional[Tensor] = None) -> Prediction:
+        """Meta learner on the query plus guidance, base learner, ensemble. ``exclude`` [B]
+        (meta-training only) names the base channel of the episode's own class, which is left
+        out of the base map as in BAM's training."""
         query_feat = self.down_query(query.mid)
         merged = torch.cat([query_feat, guidance.prototype.expand_as(query_feat), *self.merge_inputs(guidance)], 1)
         x = self.res1_meta(self.ASPP_meta(self.init_merge(merged)))
         x = self.res2_meta(x) + x
         meta = self.cls_meta(x)
         base = self.base_prediction(query)
-        final = self.ensemble(meta, self.learner_base_low(query), guidance.est)
+        final = self.ensemble(meta, self.learner_base_low(query), guidance.est, exclude)
         size = base.shape[-2:]
         return Prediction(resize(final, size), resize(meta, size), base)
 
     def learner_base_low(self, query: Features) -> Tensor:
-        """Base-learner logits at feature resolution (cached; the ensemble works there)."""
-        if "base_low" not in query.cache:
-            with torch.no_grad():
-                query.cache["base_low"] = self.learner_base(query.layer4)
-        return query.cache["base_low"]
+        """Base-learner logits at feature resolution (the ensemble works there)."""
+        return self.cached(query, "base_low", lambda f: self.learner_base(f.layer4))
 
-    def ensemble(self, meta: Tensor, base: Tensor, est: Tensor) -> Tensor:
+    def ensemble(self, meta: Tensor, base: Tensor, est: Tensor, exclude: Optional[Tensor] = None) -> Tensor:
         """BAM ensemble: Gram-adjusted meta probabilities, background merged with base classes."""
         meta_soft = meta.softmax(1)
-        base_map = base.softmax(1)[:, 1:].sum(1, True)
+        base_soft = base.softmax(1)
+        base_map = base_soft[:, 1:].sum(1, True)
+        if exclude is not None:
+            base_map = base_map - base_soft.gather(1, exclude.view(-1, 1, 1, 1).expand(-1, 1, *base.shape[-2:]))
         est_map = est.expand_as(meta_soft[:, 1:])
         bg = self.gram_merge(torch.cat([meta_soft[:, :1], est_map], 1))
         fg = self.gram_merge(torch.cat([meta_soft[:, 1:], est_map], 1))

@@ -174,7 +174,7 @@ class EFTNet:
             if steps:
                 loss = (F.cross_entropy(prediction.final, label, ignore_index=IGNORE)
                         + self.aux_weight * F.cross_entropy(prediction.meta, label, ignore_index=IGNORE))
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
                     stopped = True
                     break

@@ -7,11 +7,11 @@ from torch import Tensor, nn
 
 from model.backbones import Features
 from model.base import FewShotModel, Guidance, ShotStats
-from model.ops import chained_masks, cosine_prior, masked_correlation, resize
+from model.ops import chained_masks, cosine_prior, masked_correlation, resize, unit_vectors
 
 # Correlation maps per level (l2, l3, l4), counted from the end of the tap list; the
 # ResNet layer1 tap is never used by any output, so it is not correlated at all.
-CORRELATION_LEVELS = {"resnet50": (4, 6, 3), "resnet101": (4, 23, 3), "vgg": (3, 3, 1)}
+CORRELATION_LEVELS = {"resnet50": (4, 6, 3), "resnet101": (4, 23, 3), "vgg": (3, 3, 1), "mobilenetv2": (3, 7, 3)}
 HYPER_CHANNELS = 64
 
 
@@ -33,11 +33,11 @@ class MSANet(FewShotModel):
 
     def __init__(self, backbone: str, shot: int, num_base_classes: int, reduce_dim: int = 256,
                  kshot_trans_dim: int = 2, zoom_factor: int = 8, kshot_order_quirk: bool = True,
-                 vgg_l2_last_shot_quirk: bool = True):
+                 vgg_l2_last_shot_quirk: bool = True, base_width: int = 512):
         if backbone not in CORRELATION_LEVELS:
             raise ValueError(f"MSANet backbone must be one of {sorted(CORRELATION_LEVELS)}, got {backbone!r}")
         super().__init__(backbone, shot, num_base_classes, reduce_dim + HYPER_CHANNELS + 1, reduce_dim,
-                         kshot_trans_dim, zoom_factor, kshot_order_quirk)
+                         kshot_trans_dim, zoom_factor, kshot_order_quirk, base_width)
         self.levels = CORRELATION_LEVELS[backbone]
         self.vgg_l2_last_shot_quirk = vgg_l2_last_shot_quirk
         self.gam = GuidedAttention(reduce_dim)
@@ -48,7 +48,8 @@ class MSANet(FewShotModel):
         bs, k = masks.shape[:2]
         full = (masks == 1).float().flatten(0, 1).unsqueeze(1)                     # [Bs*K, 1, S, S]
         size = support.layer3.shape[-2:]
-        prior = cosine_prior(query.layer4, support.layer4, full.view(bs, k, *full.shape[1:]), query.layer3.shape[-2:])
+        prior = cosine_prior(query.layer4, support.layer4, full.view(bs, k, *full.shape[1:]), query.layer3.shape[-2:],
+                             self.cached(query, "l4_norm", lambda f: f.layer4.flatten(2).norm(2, 1, True)))
         batch = prior.shape[0]
 
         def per_shot(t: Tensor) -> Tensor:
@@ -56,8 +57,9 @@ class MSANet(FewShotModel):
 
         chain = chained_masks(full, [t.shape[-2:] for t in support.taps])
         first = len(support.taps) - sum(self.levels)
-        maps = [masked_correlation(query.taps[i], support.taps[i], chain[i], bs)
-                for i in range(first, len(support.taps))]
+        units = self.cached(query, "tap_units", lambda f: [unit_vectors(t) for t in f.taps[first:]])
+        maps = [masked_correlation(unit, support.taps[first + i], chain[first + i], bs)
+                for i, unit in enumerate(units)]
         n2, n3, _ = self.levels
         return ShotStats(est=self._est(query, support, bs).expand(batch, -1), prior=prior,
                          mask_proto=per_shot(resize(full, size)), mask_gam=per_shot(resize(full, size, "nearest")),

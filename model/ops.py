@@ -63,10 +63,12 @@ def gather_positions(feat: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     return kept * valid[:, None, :], count
 
 
-def cosine_prior(query_l4: Tensor, support_l4: Tensor, masks: Tensor, out_size: torch.Size) -> Tensor:
+def cosine_prior(query_l4: Tensor, support_l4: Tensor, masks: Tensor, out_size: torch.Size,
+                 query_norm: Tensor | None = None) -> Tensor:
     """PFENet prior: per query position, max cosine to the masked support layer4, min-max normalised.
 
-    ``query_l4`` [Bq,C,h,w], ``support_l4`` [Bs*K,C,h',w'], ``masks`` [Bs,K,1,S,S] float.
+    ``query_l4`` [Bq,C,h,w], ``support_l4`` [Bs*K,C,h',w'], ``masks`` [Bs,K,1,S,S] float;
+    ``query_norm`` [Bq,1,h*w], the channel norms of ``query_l4`` when the caller caches them.
     Only positions with a non-zero mask are compared: a zero-mask position is a zero vector
     whose cosine is exactly 0, so it only matters as a floor of the maximum.
     """
@@ -76,7 +78,7 @@ def cosine_prior(query_l4: Tensor, support_l4: Tensor, masks: Tensor, out_size: 
     kept, count = gather_positions(supp, m > 0)
     kept_norm = kept.norm(2, 1, True)                                              # [Bs*K, 1, n]
     query = query_l4.flatten(2)                                                    # [Bq, C, Q]
-    query_norm = query.norm(2, 1, True)
+    query_norm = query.norm(2, 1, True) if query_norm is None else query_norm
     num = _shots(kept, bs).transpose(-1, -2) @ query[:, None]                      # [B, K, n, Q]
     den = _shots(kept_norm, bs).transpose(-1, -2) @ query_norm[:, None] + COSINE_EPS
     sim = num / den
@@ -106,12 +108,19 @@ def chained_masks(masks: Tensor, sizes: list[torch.Size]) -> list[Tensor]:
     return out
 
 
-def masked_correlation(query_tap: Tensor, support_tap: Tensor, mask: Tensor, bs: int) -> Tensor:
+def unit_vectors(tap: Tensor) -> Tensor:
+    """[N,C,h,w] -> [N,C,h*w] with each position's channel vector divided by (norm + 1e-5)."""
+    flat = tap.flatten(2)
+    return flat / (flat.norm(dim=1, keepdim=True) + CORRELATION_EPS)
+
+
+def masked_correlation(query_unit: Tensor, support_tap: Tensor, mask: Tensor, bs: int) -> Tensor:
     """Mean over selected support vectors of the clamped cosine to each query position.
 
-    ``query_tap`` [Bq,C,h,w]; ``support_tap`` [Bs*K,C,h,w]; ``mask`` [Bs*K,1,h,w] (already
-    chain-resized). Support positions whose mask is >= the mean positive mask value are kept,
-    scaled by their mask value; an empty mask gives a zero map. Returns [Bq, K, 1, h, w].
+    ``query_unit`` [Bq,C,h*w] (``unit_vectors`` of the query tap); ``support_tap``
+    [Bs*K,C,h,w]; ``mask`` [Bs*K,1,h,w] (already chain-resized). Support positions whose mask
+    is >= the mean positive mask value are kept, scaled by their mask value; an empty mask
+    gives a zero map. Returns [Bq, K, 1, h, w].
     """
     m = mask.flatten(1)
     positive = m > 0
@@ -119,8 +128,6 @@ def masked_correlation(query_tap: Tensor, support_tap: Tensor, mask: Tensor, bs:
     keep = positive & (m >= mean_positive)
     kept, count = gather_positions(support_tap.flatten(2) * m[:, None], keep)
     kept = kept / (kept.norm(dim=1, keepdim=True) + CORRELATION_EPS)
-    query = query_tap.flatten(2)
-    query = query / (query.norm(dim=1, keepdim=True) + CORRELATION_EPS)
-    corr = (query.transpose(1, 2)[:, None] @ _shots(kept, bs)).clamp(min=0)          # [B, K, Q, n]
+    corr = (query_unit.transpose(1, 2)[:, None] @ _shots(kept, bs)).clamp(min=0)     # [B, K, Q, n]
     corr = corr.sum(-1) / _shots(count.clamp(min=1), bs)[..., None].to(corr.dtype)
-    return corr.reshape(corr.shape[0], corr.shape[1], 1, *query_tap.shape[-2:])
+    return corr.reshape(corr.shape[0], corr.shape[1], 1, *support_tap.shape[-2:])

@@ -29,15 +29,15 @@ class PPM(nn.Module):
         return torch.cat([x, *pooled], 1)
 
 
-def base_classifier(fea_dim: int, num_classes: int) -> nn.Sequential:
+def base_classifier(fea_dim: int, num_classes: int, width: int = 512) -> nn.Sequential:
     """3x3 conv -> BN -> ReLU -> Dropout2d(0.1) -> 1x1 conv (indices fixed by the releases)."""
-    return nn.Sequential(nn.Conv2d(fea_dim * 2, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
-                         nn.ReLU(inplace=True), nn.Dropout2d(p=0.1), nn.Conv2d(512, num_classes, 1))
+    return nn.Sequential(nn.Conv2d(fea_dim * 2, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                         nn.ReLU(inplace=True), nn.Dropout2d(p=0.1), nn.Conv2d(width, num_classes, 1))
 
 
-def base_learner(fea_dim: int, num_classes: int) -> nn.Sequential:
+def base_learner(fea_dim: int, num_classes: int, width: int = 512) -> nn.Sequential:
     """``learner_base``: PPM then classifier, on the backbone's last stage."""
-    return nn.Sequential(PPM(fea_dim, fea_dim // 4), base_classifier(fea_dim, num_classes))
+    return nn.Sequential(PPM(fea_dim, fea_dim // 4), base_classifier(fea_dim, num_classes, width))
 
 
 def output_size(input_size: int, zoom_factor: int = 8) -> int:
@@ -48,11 +48,12 @@ def output_size(input_size: int, zoom_factor: int = 8) -> int:
 class PSPNet(nn.Module):
     """Semantic segmentation over background + base classes, trained before meta-training."""
 
-    def __init__(self, layers: list[nn.Module], fea_dim: int, num_classes: int, zoom_factor: int = 8):
+    def __init__(self, layers: list[nn.Module], fea_dim: int, num_classes: int, zoom_factor: int = 8,
+                 width: int = 512):
         super().__init__()
         self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.ppm = PPM(fea_dim, fea_dim // 4)
-        self.cls = base_classifier(fea_dim, num_classes)
+        self.cls = base_classifier(fea_dim, num_classes, width)
         self.zoom_factor = zoom_factor
 
     def forward(self, x: Tensor) -> Tensor:

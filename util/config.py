@@ -51,6 +51,7 @@ SCHEMA: dict[str, Any] = {
     "arch": "MSANet",
     "backbone": "",  # '' = derive from layers/vgg (see backbone_name)
     "reduce_dim": 256,
+    "base_width": 512,  # hidden width of the base learner's classifier (512 in every release)
     "s2q_query_mask": "pseudo",  # 'ground_truth' reproduces the reference (reads the query label)
     "kshot_order_quirk": True,  # reproduce MSANet's k-shot reweighting order bug
     "vgg_l2_last_shot_quirk": True,  # reproduce MSANet's VGG l2 correlation of the last shot

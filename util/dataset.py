@@ -58,6 +58,17 @@ class EpisodeDataset(Dataset):
             if e.class_id not in self.novel:
                 raise ValueError(f"episode {i}: class {e.class_id} is not a novel class of "
                                  f"{data_set} fold {split} {self.novel}")
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Fail before any episode runs when a listed image or label is missing."""
+        seen: set[str] = set()
+        for i, e in enumerate(self.episodes):
+            for path in (p for pair in (e.query, *e.supports) for p in pair):
+                if path not in seen:
+                    seen.add(path)
+                    if not os.path.isfile(os.path.join(self.data_root, path)):
+                        raise FileNotFoundError(f"episode {i}: {os.path.join(self.data_root, path)} does not exist")
 
     def __len__(self) -> int:
         return len(self.episodes)

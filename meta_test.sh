@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Meta-test several folds one after another, then print a table of all folds and their mean.
+#
+#   bash meta_test.sh                                  # the built-in demo: 4 folds, 1-shot
+#   bash meta_test.sh pascal resnet50 1 0 1 2 3        # dataset backbone shot splits...
+#   OPTS="s2q_query_mask ground_truth" bash meta_test.sh pascal vgg 1
+#
+# OPTS: extra config overrides passed to every run (key value ...).
+# TAG:  suffix of the output folder, to keep variants apart (default: derived from OPTS).
+# PYTHON: interpreter (default python3).
+set -euo pipefail
+cd "$(dirname "$0")"
+dataset=${1:-demo}
+backbone=${2:-}
+shot=${3:-1}
+shift $(( $# < 3 ? $# : 3 ))
+splits=${*:-0 1 2 3}
+if [ -z "$backbone" ]; then
+  case $dataset in demo) backbone=mobilenetv2 ;; *) backbone=resnet50 ;; esac
+fi
+python=${PYTHON:-python3}
+read -r -a opts <<< "${OPTS:-}"
+tag=${TAG:-$(echo "${OPTS:-default}" | tr -c 'A-Za-z0-9_.\n-' '_')}
+results=()
+for split in $splits; do
+  config=config/$dataset/${dataset}_split${split}_${backbone}.yaml
+  [ -f "$config" ] || { echo "meta_test.sh: no config $config" >&2; exit 2; }
+  out=exp/$dataset/${backbone}_${shot}shot/$tag/split$split
+  mkdir -p "$out"
+  echo "== $config -> $out"
+  "$python" meta_test.py --config "$config" --exp-dir "$out" --opts shot "$shot" "${opts[@]}" 2>&1 | tee "$out/meta_test.log"
+  results+=("$out/results.json")
+done
+echo
+echo "== $dataset $backbone ${shot}-shot, folds: $splits"
+"$python" -m util.report "${results[@]}" | tee "exp/$dataset/${backbone}_${shot}shot/$tag/summary.txt"

@@ -1,0 +1,143 @@
+"""Evaluation protocol: seeds, per-episode records, metrics rebuilt from records, tables.
+
+Every finished episode becomes one JSON record holding its pixel counts, so that a killed
+run resumes from its records and ends with exactly the numbers of an uninterrupted run,
+and ranks under torchrun can sum what each of them evaluated.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from util.metrics import BaseClassMeter, FewShotMeter, episode_counts
+
+FIXED_SEED = 321  # EFTNet appends this seed to the drawn ones
+DRAWN_SEEDS = 5
+
+
+def evaluation_seeds(manual_seed: int, count: int) -> list[int]:
+    """The reference's seeds: 5 draws of numpy's legacy RNG seeded with ``manual_seed``, then 321
+    (PASCAL 123 -> 510 365 382 322 988 321). More than 6 draws more before the fixed seed."""
+    rng = np.random.RandomState(manual_seed)
+    drawn = [int(s) for s in rng.randint(0, 1000, max(DRAWN_SEEDS, count - 1))]
+    seeds = drawn[:DRAWN_SEEDS] + [FIXED_SEED] + drawn[DRAWN_SEEDS:]
+    return seeds[:count]
+
+
+def _counts(logits: torch.Tensor, label: torch.Tensor, classes: int) -> list[list[int]]:
+    return [c.tolist() for c in episode_counts(logits, label, classes)]
+
+
+def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int) -> dict:
+    """Counts of one episode for the base model (``zero``) and, if run, EFTNet (``eft``)."""
+    label, base_label = batch["query_mask_orig"], batch["query_base_orig"]
+    record = {"episode": index, "class_idx": int(batch["class_idx"]),
+              "zero": {"final": _counts(zero.final, label, 2), "meta": _counts(zero.meta, label, 2)},
+              "base": _counts(zero.base, base_label, num_base_classes + 1)}
+    if eft is not None:
+        record["eftnet"] = {"final": _counts(eft.final, label, 2), "meta": _counts(eft.meta, label, 2)}
+        record["rounds"] = {"scores": eft.round_scores, "chosen": eft.chosen_round, "losses": eft.losses,
+                            "stopped_early": eft.stopped_early}
+    return record
+
+
+class RecordFile:
+    """Append-only JSON-lines file of episode records, flushed after each one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    @staticmethod
+    def read_all(paths: Iterable[Path]) -> dict[int, dict]:
+        """Records by episode index; a torn last line (killed mid-write) is skipped."""
+        records = {}
+        for path in paths:
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                records[record["episode"]] = record
+        return records
+
+
+class Scores:
+    """Meters of one run (one seed) for the base model and EFTNet."""
+
+    def __init__(self, num_novel: int, num_base: int):
+        self.meters = {name: FewShotMeter(num_novel) for name in
+                       ("zero_final", "zero_meta", "eftnet_final", "eftnet_meta")}
+        self.base = BaseClassMeter(num_base)
+        self.chosen: list[int] = []
+        self.round_scores: list[list[float]] = []
+        self.round_losses: list[list[float]] = []
+        self.stopped_early = 0
+        self.episodes = 0
+
+    def add(self, record: dict) -> None:
+        self.episodes += 1
+        for method in ("zero", "eftnet"):
+            for output in ("final", "meta"):
+                if method in record:
+                    counts = [torch.tensor(c, dtype=torch.float64) for c in record[method][output]]
+                    self.meters[f"{method}_{output}"].add(record["class_idx"], *counts)
+        self.base.add(*[torch.tensor(c, dtype=torch.float64) for c in record["base"]])
+        if "rounds" in record:
+            self.chosen.append(record["rounds"]["chosen"])
+            self.round_scores.append(record["rounds"]["scores"])
+            self.round_losses.append(record["rounds"]["losses"])
+            self.stopped_early += int(record["rounds"]["stopped_early"])
+
+    def all_reduce(self) -> None:
+        for meter in (*self.meters.values(), self.base):
+            meter.all_reduce()
+
+    def summary(self, with_eftnet: bool) -> dict:
+        out = {"episodes": self.episodes, "base_miou": self.base.miou()}
+        methods = ("zero", "eftnet") if with_eftnet else ("zero",)
+        for method in methods:
+            final, meta = self.meters[f"{method}_final"], self.meters[f"{method}_meta"]
+            out[method] = {"miou": final.class_miou(), "fbiou": final.fb_iou(), "fg_iou": final.fg_iou(),
+                           "miou_meta": meta.class_miou(), "fbiou_meta": meta.fb_iou(),
+                           "class_iou": final.class_iou().tolist()}
+        if with_eftnet:
+            out["stopped_early"] = self.stopped_early
+        return out
+
+
+def format_table(per_seed: dict[int, dict], with_eftnet: bool) -> str:
+    """Per-seed rows plus mean and best, in percent: base model vs EFTNet and the difference."""
+    head = f"{'seed':>6} | {'mIoU base':>9} {'FB-IoU base':>11}"
+    if with_eftnet:
+        head += f" | {'mIoU EFT':>8} {'FB-IoU EFT':>10} | {'dmIoU':>6} {'dFB':>6}"
+    head += f" | {'base-cls mIoU':>13}"
+    lines = [head, "-" * len(head)]
+
+    def row(name: str, values: list[float]) -> str:
+        text = f"{name:>6} | {values[0]:9.2f} {values[1]:11.2f}"
+        if with_eftnet:
+            text += f" | {values[2]:8.2f} {values[3]:10.2f} | {values[2] - values[0]:+6.2f} {values[3] - values[1]:+6.2f}"
+        return text + f" | {values[-1]:13.2f}"
+
+    table = []
+    for seed, s in per_seed.items():
+        values = [100 * s["zero"]["miou"], 100 * s["zero"]["fbiou"]]
+        if with_eftnet:
+            values += [100 * s["eftnet"]["miou"], 100 * s["eftnet"]["fbiou"]]
+        values.append(100 * s["base_miou"])
+        table.append(values)
+        lines.append(row(str(seed), values))
+    array = np.array(table)
+    lines.append("-" * len(head))
+    lines.append(row("mean", list(array.mean(0))))
+    lines.append(row("best", list(array.max(0))))
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""Episode panels: supports, query, pseudo mask, base-model and EFTNet predictions side by side."""
+from __future__ import annotations
+
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+
+from util.transforms import MEAN, STD
+
+FOREGROUND = np.array([255, 60, 40], dtype=np.float32)  # RGB
+IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.float32)
+
+
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """Normalised [3,S,S] tensor -> uint8 HxWx3 RGB."""
+    array = image.detach().cpu().float().numpy().transpose(1, 2, 0) * np.array(STD) + np.array(MEAN)
+    return np.clip(array, 0, 255).astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray, mask: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+    """Foreground (1) tinted red, ignore (255) tinted white."""
+    mask = mask.detach().cpu().numpy()
+    out = rgb.astype(np.float32)
+    for value, colour in ((1, FOREGROUND), (255, IGNORE_COLOUR)):
+        sel = mask == value
+        out[sel] = (1 - alpha) * out[sel] + alpha * colour
+    return out.astype(np.uint8)
+
+
+def _titled(tile: np.ndarray, title: str) -> np.ndarray:
+    bar = np.full((18, tile.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, title, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, tile], 0)
+
+
+def episode_panel(batch: dict, base_final: torch.Tensor, eft_final: Optional[torch.Tensor] = None,
+                  pseudo_mask: Optional[torch.Tensor] = None) -> np.ndarray:
+    """One row: each support with its mask, the query with its label, the q2s pseudo mask,
+    the base-model prediction and the EFTNet prediction (predictions are [1,2,S,S] outputs)."""
+    query = to_rgb(batch["query_img"][0])
+    tiles = [_titled(overlay(to_rgb(img), mask), f"support {k}")
+             for k, (img, mask) in enumerate(zip(batch["support_imgs"][0], batch["support_masks"][0]))]
+    tiles.append(_titled(overlay(query, batch["query_mask"][0]), "query label"))
+    if pseudo_mask is not None:
+        tiles.append(_titled(overlay(query, pseudo_mask[0].long()), "q2s pseudo mask"))
+    tiles.append(_titled(overlay(query, base_final[0].argmax(0)), "base model"))
+    if eft_final is not None:
+        tiles.append(_titled(overlay(query, eft_final[0].argmax(0)), "EFTNet"))
+    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], 1)
