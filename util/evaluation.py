@@ -34,7 +34,7 @@ def _counts(logits: torch.Tensor, label: torch.Tensor, classes: int) -> list[lis
 
 def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int) -> dict:
     """Counts of one episode for the base model (``zero``) and, if run, EFTNet (``eft``)."""
-    label, base_label = batch["query_mask_orig"], batch["query_base_orig"]
+    label, base_label = batch["query_mask_orig"][0], batch["query_base_orig"][0]
     record = {"episode": index, "class_idx": int(batch["class_idx"]),
               "zero": {"final": _counts(zero.final, label, 2), "meta": _counts(zero.meta, label, 2)},
               "base": _counts(zero.base, base_label, num_base_classes + 1)}
