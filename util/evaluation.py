@@ -50,6 +50,11 @@ class RecordFile:
 
     def __init__(self, path: Path):
         self.path = path
+        if path.exists() and path.stat().st_size:
+            with open(path, "rb+") as f:  # end a line torn by a kill, so new records parse
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:

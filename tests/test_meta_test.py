@@ -1,0 +1,156 @@
+"""meta_test.py end to end on a tiny generated demo benchmark with a random-weight checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import meta_test
+from model import build_model
+from util.checkpoint import CheckpointMismatch
+from util.config import load_config
+from util.demo_data import generate_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny demo benchmark, a config for it and a random-weight checkpoint."""
+    root = tmp_path_factory.mktemp("meta_test")
+    generate_demo(root / "demo", seed=0, num_train=8, num_val=40, size=96)
+    config = {"Data": {"data_set": "demo", "split": 0, "data_root": str(root / "demo"),
+                       "lists_root": str(root / "demo" / "lists"), "val_size": 97},
+              "Method": {"backbone": "mobilenetv2", "reduce_dim": 32, "base_width": 32},
+              "Test_Finetune": {"weight_path": str(root / "weights.pth"), "test_num": 5, "num_seeds": 2,
+                                "workers": 0, "sr_aux_weight1": 1.0, "tb_images": 2, "ft_number": 3}}
+    path = root / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    model = build_model(load_config(path))
+    with torch.no_grad():  # a fg bias so that predictions mix foreground and background
+        model.cls_meta[3].bias.copy_(torch.tensor([0.0, 1.0]))
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, root / "weights.pth")
+    return root, path
+
+
+def run(path: Path, out: Path, *opts: str, restart: bool = False) -> dict:
+    argv = ["--config", str(path), "--exp-dir", str(out)] + (["--restart"] if restart else [])
+    return meta_test.main(argv + (["--opts", *opts] if opts else []))
+
+
+def seed_numbers(results: dict) -> list[float]:
+    return [v for s in results["seeds"].values() for m in ("zero", "eftnet") if m in s
+            for v in (s[m]["miou"], s[m]["fbiou"])]
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    root, path = setup
+    return run(path, root / "full"), root / "full"
+
+
+def test_results_and_files(full_run):
+    results, out = full_run
+    assert list(results["seeds"]) == [510, 365]
+    assert results["s2q_query_mask"] == "pseudo" and results["uses_query_labels"] is False
+    for seed, summary in results["seeds"].items():
+        assert summary["episodes"] == 5
+        assert 0 <= summary["zero"]["miou"] <= 1 and 0 <= summary["eftnet"]["fbiou"] <= 1
+        assert sum(summary["chosen_rounds"]) == 5 and len(summary["mean_round_scores"]) == 3
+        records = [json.loads(line) for line in (out / f"records_seed{seed}_rank0.jsonl").read_text().splitlines()]
+        assert sorted(r["episode"] for r in records) == list(range(5))
+        assert all(1 <= r["rounds"]["chosen"] <= 3 for r in records)
+        episodes = json.loads((out / f"episodes_seed{seed}.json").read_text())["episodes"]
+        assert len(episodes) == 5 and all(len(e["supports"]) == 1 for e in episodes)
+    written = json.loads((out / "results.json").read_text())
+    assert written["eftnet"]["miou_mean"] == pytest.approx(results["eftnet"]["miou_mean"])
+    assert "mIoU base" in (out / "results.txt").read_text()
+
+
+def test_tensorboard_holds_the_results(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    results, out = full_run
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("running/miou_zero", "running/miou_eftnet", "time/seconds_per_episode", "rounds/chosen_round",
+                "seed/miou_zero", "seed/miou_eftnet", "seed/fbiou_zero", "seed/fbiou_eftnet", "seed/base_miou",
+                "rounds/s2q_score_seed510", "rounds/loss_seed510"):
+        assert tag in tags["scalars"], tag
+    assert "rounds/chosen_round_histogram" in tags["histograms"]
+    assert sorted(tags["images"]) == ["episodes/0000", "episodes/0001"]
+    for i, summary in enumerate(results["seeds"].values()):
+        for method in ("zero", "eftnet"):
+            logged = {e.step: e.value for e in events.Scalars(f"seed/miou_{method}")}
+            assert logged[i] == pytest.approx(summary[method]["miou"], abs=1e-6)
+    scores = [e.value for e in events.Scalars("rounds/s2q_score_seed510")]
+    assert scores == pytest.approx(results["seeds"][510]["mean_round_scores"], abs=1e-6)
+    running = events.Scalars("running/miou_eftnet")
+    assert running[4].value == pytest.approx(results["seeds"][510]["eftnet"]["miou"], abs=1e-6)
+
+
+def test_resume_gives_the_same_numbers(setup, full_run):
+    root, path = setup
+    results, out = full_run
+    resumed = root / "resumed"
+    resumed.mkdir()
+    for name in ("config.json", "episodes_seed510.json", "episodes_seed365.json"):
+        (resumed / name).write_text((out / name).read_text())
+    # killed during seed 510's fourth episode: three records and a torn line remain
+    lines = (out / "records_seed510_rank0.jsonl").read_text().splitlines()
+    (resumed / "records_seed510_rank0.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    again = run(path, resumed)
+    assert seed_numbers(again) == pytest.approx(seed_numbers(results), abs=1e-12)
+    records = (resumed / "records_seed510_rank0.jsonl").read_text().splitlines()
+    assert len(records) == 6  # 3 kept + the torn one + only the 2 missing episodes re-run
+
+
+def test_changed_config_is_not_resumed(setup, full_run):
+    root, path = setup
+    with pytest.raises(SystemExit, match="another configuration"):
+        run(path, full_run[1], "q2s_filt_para", "0.3")
+
+
+def test_base_only_and_ground_truth_modes(setup):
+    root, path = setup
+    base = run(path, root / "base", "loop_ft", "False", "num_seeds", "1")
+    assert "eftnet" not in base and base["s2q_query_mask"] is None
+    truth = run(path, root / "truth", "s2q_query_mask", "ground_truth", "num_seeds", "1")
+    assert truth["uses_query_labels"] is True
+    assert "ground-truth label" in (root / "truth" / "results.txt").read_text()
+    # the zero round is the plain base model whatever the EFTNet settings
+    assert truth["seeds"][510]["zero"]["miou"] == pytest.approx(base["seeds"][510]["zero"]["miou"], abs=1e-12)
+
+
+def test_bad_inputs_fail_before_any_episode(setup):
+    root, path = setup
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        run(path, root / "bad1", "weight_path", str(root / "nothing.pth"))
+    with pytest.raises(CheckpointMismatch, match="kshot_rw"):
+        run(path, root / "bad2", "shot", "2")
+    with pytest.raises(FileNotFoundError, match="data_root"):
+        run(path, root / "bad3", "data_set", "pascal", "data_root", str(root / "missing"))
+    for folder in ("bad1", "bad2", "bad3"):
+        assert not list((root / folder).glob("records_*"))
+
+
+def test_torchrun_two_processes_equal_one(setup, full_run):
+    root, path = setup
+    results, _ = full_run
+    out = root / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(REPO / "meta_test.py"), "--config", str(path), "--exp-dir", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads((out / "results.json").read_text())
+    assert [float(v) for v in seed_numbers(ddp)] == pytest.approx(seed_numbers(results), abs=1e-12)
+    assert sorted(p.name for p in out.glob("records_seed510_rank*.jsonl")) == \
+        ["records_seed510_rank0.jsonl", "records_seed510_rank1.jsonl"]
