@@ -1,0 +1,563 @@
+"""EFTNet's round mechanics (model/eftnet.py) on small random-weight models.
+
+The models are MSANet on the small MobileNetV2 backbone (reduce_dim 32) at 65 px, with the
+meta classifier scaled and biased so that predictions mix foreground and background, and
+one BAM-VGG16 for the second architecture. Round scores are scripted where a test is about
+the selection rule, and recomputed from the public model steps where it is about numbers.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import model.eftnet as eftnet
+from model import BAM, MSANet
+from model.base import ADAPTED_MODULES, Guidance
+from model.eftnet import EFTNet, confident_foreground, foreground_iou, pseudo_label, round_learning_rate
+
+SIZE = 65
+LR = 0.001
+WEIGHTS = (0.8, 0.2)
+SMALL = dict(reduce_dim=32, base_width=32)   # MobileNetV2 MSANet: fast on two CPU cores
+
+
+def make_cfg(**overrides) -> SimpleNamespace:
+    values = dict(ft_number=5, ft_base_lr=LR, ft_power=0.9, momentum=0.9, weight_decay=1e-4,
+                  sr_aux_weight1=1.0, change_weighting=list(WEIGHTS), q2s_filt_para=0.2,
+                  s2q_query_mask="pseudo")
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+# ---- episodes and models --------------------------------------------------------------------
+def make_episode(seed: int, shot: int) -> SimpleNamespace:
+    """Smooth noise images, each with a textured box (the object); the bottom rows and the
+    right columns are padding (zero image, 255 in every mask)."""
+    g = torch.Generator().manual_seed(seed)
+    padding = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+    padding[:, 57:], padding[:, :, 60:] = True, True
+
+    def image() -> tuple[torch.Tensor, torch.Tensor]:
+        img = F.avg_pool2d(torch.randn(1, 3, SIZE + 8, SIZE + 8, generator=g), 9, 1) * 3
+        y0, x0 = (int(v) for v in torch.randint(0, 27, (2,), generator=g))
+        img[:, :, y0:y0 + 30, x0:x0 + 30] = (torch.tensor([1.5, -1.0, 0.5]).view(1, 3, 1, 1)
+                                             + 0.3 * torch.randn(1, 3, 30, 30, generator=g))
+        mask = torch.zeros(1, SIZE, SIZE, dtype=torch.long)
+        mask[:, y0:y0 + 30, x0:x0 + 30] = 1
+        return img.masked_fill(padding[:, None], 0.0), mask.masked_fill(padding, 255)
+
+    query, query_mask = image()
+    shots = [image() for _ in range(shot)]
+    return SimpleNamespace(query=query, supports=torch.stack([s[0] for s in shots], 1),
+                           masks=torch.stack([s[1] for s in shots], 1), padding=padding, query_mask=query_mask)
+
+
+def build_msanet(shot: int, episode: SimpleNamespace) -> MSANet:
+    """Random MSANet whose plain prediction on ``episode`` is about 30 % foreground."""
+    torch.manual_seed(shot)
+    model = MSANet("mobilenetv2", shot, 15, **SMALL).eval()
+    with torch.no_grad():
+        model.gram_merge.weight.copy_(torch.tensor([1.0, 0.1]).view(1, 2, 1, 1))
+        model.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+        # Random heads give nearly constant logits: spread them, then centre at the 70th percentile.
+        model.cls_meta[3].weight.mul_(30.0)
+        model.cls_meta[3].bias.zero_()
+        meta = model(episode.query, episode.supports, episode.masks).meta
+        model.cls_meta[3].bias.copy_(torch.tensor([0.0, -float((meta[:, 1] - meta[:, 0]).quantile(0.7))]))
+    return model
+
+
+def run(engine: EFTNet, episode: SimpleNamespace, **kwargs) -> eftnet.AdaptResult:
+    kwargs.setdefault("padding", episode.padding)
+    return engine.adapt(episode.query, episode.supports, episode.masks, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ep1() -> SimpleNamespace:
+    return make_episode(1, 1)
+
+
+@pytest.fixture(scope="module")
+def ep1b() -> SimpleNamespace:
+    return make_episode(7, 1)
+
+
+@pytest.fixture(scope="module")
+def ep2() -> SimpleNamespace:
+    return make_episode(2, 2)
+
+
+@pytest.fixture(scope="module")
+def msanet1(ep1) -> MSANet:
+    return build_msanet(1, ep1)
+
+
+@pytest.fixture(scope="module")
+def msanet2(ep2) -> MSANet:
+    return build_msanet(2, ep2)
+
+
+# ---- spies ----------------------------------------------------------------------------------
+@pytest.fixture
+def steps():
+    """Every optimizer step taken during the test: the optimizer, its lrs and whether its
+    state (momentum buffers) was still empty."""
+    taken = []
+
+    def hook(optimizer, args, kwargs):
+        taken.append(SimpleNamespace(optimizer=optimizer, lrs=[g["lr"] for g in optimizer.param_groups],
+                                     fresh=len(optimizer.state) == 0))
+
+    handle = register_optimizer_step_pre_hook(hook)
+    yield taken
+    handle.remove()
+
+
+def record_q2s(monkeypatch) -> list:
+    """Patch EFTNet._q2s to keep every round's q2s prediction (and its pseudo mask)."""
+    outputs = []
+    original = EFTNet._q2s
+
+    def spy(self, query, supports, real, support_embed, query_embed, mask):
+        prediction = original(self, query, supports, real, support_embed, query_embed, mask)
+        outputs.append(SimpleNamespace(final=prediction.final.detach().clone(),
+                                       meta=prediction.meta.detach().clone(), mask=mask.clone()))
+        return prediction
+
+    monkeypatch.setattr(EFTNet, "_q2s", spy)
+    return outputs
+
+
+def script_scores(monkeypatch, scores: list[float]) -> None:
+    script = iter(scores)
+    monkeypatch.setattr(EFTNet, "_s2q_score", lambda self, *args: next(script))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, saved[k])]
+    assert changed == []
+
+
+def assert_same_result(a: eftnet.AdaptResult, b: eftnet.AdaptResult) -> None:
+    assert a.round_scores == b.round_scores
+    assert a.chosen_round == b.chosen_round
+    assert a.losses == b.losses
+    for name in ("final", "meta", "base", "pseudo_mask"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.zero_round.final, b.zero_round.final)
+
+
+def is_adapted(key: str) -> bool:
+    return key.split(".")[0] in ADAPTED_MODULES
+
+
+# ---- direct computations from the public model steps ----------------------------------------
+def blend(real: Guidance, same: Guidance) -> Guidance:
+    """0.8 / 0.2 mix of every guidance field but est (which stays the real supports')."""
+    def mix(a, b):
+        return None if a is None else WEIGHTS[0] * a + WEIGHTS[1] * b
+    return Guidance(prototype=mix(real.prototype, same.prototype), prior=mix(real.prior, same.prior),
+                    est=real.est, hyper=mix(real.hyper, same.hyper), gam=mix(real.gam, same.gam))
+
+
+def direct_q2s(model, episode: SimpleNamespace, previous: torch.Tensor):
+    """A q2s round from scratch: fresh features, the real supports blended with the query under
+    the top-20 % mask of ``previous``."""
+    query = model.extract(episode.query)
+    supports = model.extract(episode.supports[0])
+    mask = confident_foreground(previous, 0.2)
+    real = model.guide(model.match(query, supports, episode.masks), model.embed(supports)[None])
+    query_as_support = model.extract(episode.query)
+    same = model.guide(model.match(query, query_as_support, mask[:, None]), model.embed(query_as_support)[None])
+    return model.decode(query, blend(real, same)), mask
+
+
+@torch.no_grad()
+def direct_s2q(model, episode: SimpleNamespace, query_mask: torch.Tensor) -> float:
+    """Mean IoU of re-segmenting each support k with the query (under ``query_mask``) in slot k
+    of the supports, blended with support k under its own mask; 255 counts as background."""
+    shot = episode.supports.shape[1]
+    ious = []
+    for k in range(shot):
+        target = model.extract(episode.supports[0, k:k + 1])
+        images = torch.cat([episode.query if j == k else episode.supports[0, j:j + 1] for j in range(shot)])
+        masks = torch.stack([query_mask[0] if j == k else episode.masks[0, j] for j in range(shot)])[None]
+        others = model.extract(images)
+        different = model.guide(model.match(target, others, masks), model.embed(others)[None])
+        itself = model.extract(episode.supports[0, k:k + 1])
+        same = model.guide(model.match(target, itself, episode.masks[:, k:k + 1]), model.embed(itself)[None])
+        fg = model.decode(target, blend(different, same)).final.argmax(1) == 1
+        label = episode.masks[:, k] == 1
+        ious.append((fg & label).sum() / ((fg | label).sum() + 1e-10))
+    return float(torch.stack(ious).mean())
+
+
+def padded_argmax(final: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    return final.argmax(1).masked_fill(padding, 255)
+
+
+# ---- 0. the test models are usable ------------------------------------------------------------
+def test_fixture_models_predict_a_mix_of_foreground_and_background(msanet1, msanet2, ep1, ep2):
+    for model, episode in ((msanet1, ep1), (msanet2, ep2)):
+        with torch.no_grad():
+            fg = (model(episode.query, episode.supports, episode.masks).final.argmax(1) == 1).float().mean()
+        assert 0.1 < float(fg) < 0.6
+
+
+def test_config_is_validated(msanet1):
+    with pytest.raises(ValueError, match="ft_number"):
+        EFTNet(msanet1, make_cfg(ft_number=0))
+    with pytest.raises(ValueError, match="s2q_query_mask"):
+        EFTNet(msanet1, make_cfg(s2q_query_mask="gt"))
+
+
+# ---- 1. learning rates and steps --------------------------------------------------------------
+def test_round_learning_rate_matches_reference_values():
+    expected = [0.0050000001, 0.0042433308, 0.0034712659, 0.0026794338, 0.0018602054]
+    for i, lr in enumerate(expected):
+        assert round_learning_rate(0.005, 5, i, 0.9) == pytest.approx(lr, abs=1e-10)
+
+
+def test_optimizer_uses_the_schedule_and_skips_the_last_step(msanet2, ep2, steps):
+    cfg = make_cfg(ft_base_lr=0.005, momentum=0.8, weight_decay=2e-4)
+    res = run(EFTNet(msanet2, cfg), ep2)
+    # Five rounds, four steps: the fifth round's weights would never be scored.
+    assert len(steps) == 4 and len(res.losses) == 4 and len(res.round_scores) == 5
+    for i, step in enumerate(steps):
+        assert step.lrs == [round_learning_rate(0.005, 5, i, 0.9)] * len(step.lrs)
+    optimizer = steps[0].optimizer
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(step.optimizer is optimizer for step in steps)
+    # One group per adapted module, in the reference order; kshot_rw is there for 2 shots.
+    modules = msanet2.adapted_modules()
+    assert modules[-1] is msanet2.kshot_rw
+    assert len(optimizer.param_groups) == len(ADAPTED_MODULES) == len(modules)
+    for group, module in zip(optimizer.param_groups, modules):
+        assert [id(p) for p in group["params"]] == [id(p) for p in module.parameters()]
+        settings = (group["momentum"], group["weight_decay"], group["dampening"], group["nesterov"])
+        assert settings == (0.8, 2e-4, 0, False)
+
+
+def test_single_round_takes_no_step(msanet1, ep1, steps):
+    res = run(EFTNet(msanet1, make_cfg(ft_number=1)), ep1)
+    assert steps == [] and res.losses == []
+    assert len(res.round_scores) == 1 and res.chosen_round == 1
+
+
+# ---- 2. which parameters change, and the restore ---------------------------------------------
+def test_only_adapted_modules_change_and_everything_is_restored(ep2, monkeypatch, steps):
+    model = build_msanet(2, ep2)
+    # A state the user might leave behind: training mode, a frozen adapted module, a trainable stage.
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.cls_merge.weight.requires_grad_(False)
+    next(model.layer0.parameters()).requires_grad_(False)
+    modes = {name: m.training for name, m in model.named_modules()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = snapshot(model)
+
+    adapted = {}
+    original = EFTNet._episode
+
+    @contextmanager
+    def spy(self):
+        with original(self):
+            yield
+            adapted.update(snapshot(self.model))   # after the rounds, before the restore
+    monkeypatch.setattr(EFTNet, "_episode", spy)
+    inside = []
+
+    def check_step(optimizer, args, kwargs):
+        inside.append(({name for name, p in model.named_parameters() if p.requires_grad},
+                       any(m.training for m in model.modules())))
+    handle = register_optimizer_step_pre_hook(check_step)
+    try:
+        run(EFTNet(model, make_cfg(ft_base_lr=0.005)), ep2)
+    finally:
+        handle.remove()
+
+    assert len(steps) == 4
+    # During the rounds: eval mode everywhere, gradients for the adapted parameters only.
+    trainable = {name for name, _ in model.named_parameters() if is_adapted(name)}
+    assert inside == [(trainable, False)] * 4
+    frozen_keys = [k for k in before if not is_adapted(k)]
+    assert {k.split(".")[0] for k in frozen_keys} == {"layer0", "layer1", "layer2", "layer3", "layer4",
+                                                      "learner_base", "gam", "hyper_final"}
+    assert "hyper_final.1.running_mean" in frozen_keys and "layer0.0.1.running_var" in frozen_keys
+    assert [k for k in frozen_keys if not torch.equal(adapted[k], before[k])] == []
+    adapted_keys = [k for k in before if is_adapted(k)]
+    assert {k.split(".")[0] for k in adapted_keys} == set(ADAPTED_MODULES)
+    assert [k for k in adapted_keys if torch.equal(adapted[k], before[k])] == []
+    # After: every parameter and buffer, requires_grad flag and train/eval mode as before; no grads.
+    assert_state_equal(model, before)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---- 3. pseudo masks ----------------------------------------------------------------------------
+def map_with_foreground(scores: torch.Tensor) -> torch.Tensor:
+    """[H,W] scores -> [1,2,H,W] map whose softmax fg probability is sigmoid(score)."""
+    return torch.stack([torch.zeros_like(scores), scores])[None]
+
+
+def test_confident_foreground_keeps_the_top_fifth_of_the_foreground():
+    g = torch.Generator().manual_seed(0)
+    scores = -torch.rand(400, generator=g) - 0.1          # background everywhere ...
+    position = torch.randperm(400, generator=g)[:199]
+    scores[position] = torch.linspace(0.1, 4.0, 199)      # ... but 199 distinct fg pixels
+    mask = confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2)
+    assert mask.shape == (1, 20, 20) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    kept = mask.flatten().nonzero().flatten()
+    assert sorted(kept.tolist()) == sorted(position[-39:].tolist())   # floor(0.2 * 199) = 39
+    # Another fraction reads the same way: floor(0.5 * 199) = 99.
+    assert int(confident_foreground(map_with_foreground(scores.view(20, 20)), 0.5).sum()) == 99
+
+
+def test_confident_foreground_includes_ties_at_the_threshold():
+    scores = torch.full((400,), -1.0)
+    scores[:199] = torch.linspace(0.1, 4.0, 199)
+    scores[157:160] = scores[160]     # the 39th largest value, now shared by three more pixels
+    mask = confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2).flatten()
+    assert int(mask.sum()) == 42
+    assert mask[157:199].all() and not mask[:157].any() and not mask[199:].any()
+
+
+@pytest.mark.parametrize("n_fg", [0, 1, 4])
+def test_confident_foreground_with_under_five_fg_pixels_keeps_the_whole_canvas(n_fg):
+    scores = torch.full((400,), -2.0)
+    scores[:n_fg] = 3.0
+    assert torch.equal(confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2),
+                       torch.ones(1, 20, 20))
+
+
+def test_confident_foreground_with_five_fg_pixels_keeps_one():
+    scores = torch.full((400,), -2.0)
+    scores[:5] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    mask = confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2).flatten()
+    assert mask.nonzero().flatten().tolist() == [4]
+
+
+def test_confident_foreground_on_an_all_foreground_map():
+    scores = torch.linspace(0.1, 4.0, 400)
+    mask = confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2).flatten()
+    assert mask.nonzero().flatten().tolist() == list(range(320, 400))
+
+
+def test_pseudo_label_is_the_argmax_with_padding_ignored():
+    final = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(3))
+    padding = torch.zeros(1, 6, 6, dtype=torch.bool)
+    padding[:, 4:] = True
+    label = pseudo_label(final, padding)
+    argmax = (final[:, 1] > final[:, 0]).long()
+    assert label.dtype == torch.int64
+    assert torch.equal(label[:, :4], argmax[:, :4]) and (label[:, 4:] == 255).all()
+    assert torch.equal(pseudo_label(final, None), argmax)
+
+
+def test_foreground_iou_counts_255_as_background():
+    final = map_with_foreground(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+    mask = torch.tensor([[[1, 255], [0, 1]]])
+    # fg prediction: 3 pixels; label fg: 2 pixels; intersection 1; union 4 (the 255 pixel included).
+    assert float(foreground_iou(final, mask)[0]) == pytest.approx(0.25)
+
+
+# ---- 4. selection rule -------------------------------------------------------------------------
+@pytest.mark.parametrize("scores, chosen", [([0.3, 0.7, 0.7, 0.2, 0.5], 3),
+                                            ([0.9, 0.1, 0.2, 0.3, 0.4], 1),
+                                            ([0.0, 0.0, 0.0, 0.0, 0.0], 5),
+                                            ([0.1, 0.2, 0.3, 0.4, 0.4], 5)])
+def test_chosen_round_is_the_best_score_with_ties_to_the_later_round(msanet1, ep1, monkeypatch, scores, chosen):
+    script_scores(monkeypatch, scores)
+    predictions = record_q2s(monkeypatch)
+    res = run(EFTNet(msanet1, make_cfg(ft_base_lr=0.005)), ep1)
+    assert res.round_scores == scores and res.chosen_round == chosen
+    assert len(predictions) == 5
+    best = predictions[chosen - 1]
+    assert torch.equal(res.final, best.final) and torch.equal(res.meta, best.meta)
+    # The rounds really differ, so the check above can tell them apart.
+    others = [p for i, p in enumerate(predictions) if i != chosen - 1] + [res.zero_round]
+    assert all(not torch.allclose(p.final, best.final) for p in others)
+
+
+def test_round_one_is_accepted_with_score_zero(msanet1, ep1, monkeypatch):
+    script_scores(monkeypatch, [0.0])
+    predictions = record_q2s(monkeypatch)
+    res = run(EFTNet(msanet1, make_cfg(ft_number=1)), ep1)
+    assert res.chosen_round == 1 and res.round_scores == [0.0]
+    assert torch.equal(res.final, predictions[0].final)
+    assert not torch.allclose(res.final, res.zero_round.final)   # the zero round is never the answer
+
+
+# ---- 5. reset between episodes ------------------------------------------------------------------
+def test_episodes_do_not_leak_into_each_other(msanet1, ep1, ep1b, steps):
+    engine = EFTNet(msanet1, make_cfg(ft_base_lr=0.005))
+    a1 = run(engine, ep1)
+    a2 = run(engine, ep1)                 # momentum or weights left over would change this
+    b1 = run(engine, ep1b)
+    a3 = run(engine, ep1)
+    b2 = run(EFTNet(msanet1, make_cfg(ft_base_lr=0.005)), ep1b)
+    assert_same_result(a1, a2)
+    assert_same_result(a1, a3)
+    assert_same_result(b1, b2)
+    assert not torch.equal(a1.final, b1.final)
+    # A new SGD optimizer, with empty momentum buffers, for each of the five episodes.
+    firsts = steps[::4]
+    assert len(steps) == 20 and all(s.fresh for s in firsts) and not any(s.fresh for i, s in enumerate(steps) if i % 4)
+    assert len({id(s.optimizer) for s in firsts}) == 5
+
+
+# ---- 6. cached rounds equal direct computations --------------------------------------------------
+def test_zero_round_is_the_plain_forward(msanet2, ep2):
+    res = run(EFTNet(msanet2, make_cfg(ft_number=1)), ep2)
+    with torch.no_grad():
+        plain = msanet2(ep2.query, ep2.supports, ep2.masks)
+    for name in ("final", "meta", "base"):
+        assert torch.allclose(getattr(res.zero_round, name), getattr(plain, name), atol=1e-6), name
+
+
+@pytest.mark.parametrize("shot", [1, 2])
+def test_first_two_rounds_equal_a_direct_computation(shot, msanet1, msanet2, ep1, ep2, monkeypatch):
+    """Round 1 (weights as given) and round 2 (after one SGD step on round 1's loss against the
+    zero round's padded argmax) rebuilt from fresh features, without the engine's caches."""
+    model, episode = (msanet1, ep1) if shot == 1 else (msanet2, ep2)
+    predictions = record_q2s(monkeypatch)
+    res = run(EFTNet(model, make_cfg(ft_number=2, ft_base_lr=0.005, sr_aux_weight1=0.4)), episode)
+
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    groups = [list(m.parameters()) for m in ref.adapted_modules()]
+    for p in (p for g in groups for p in g):
+        p.requires_grad_(True)
+    with torch.no_grad():
+        zero = ref(episode.query, episode.supports, episode.masks)
+        first_score = direct_s2q(ref, episode, padded_argmax(zero.final, episode.padding))
+    first, mask = direct_q2s(ref, episode, zero.final)
+    label = padded_argmax(zero.final, episode.padding)
+    loss = (F.cross_entropy(first.final, label, ignore_index=255)
+            + 0.4 * F.cross_entropy(first.meta, label, ignore_index=255))
+    optimizer = torch.optim.SGD([{"params": g} for g in groups], lr=round_learning_rate(0.005, 2, 0, 0.9),
+                                momentum=0.9, weight_decay=1e-4)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        second, _ = direct_q2s(ref, episode, first.final)
+        second_score = direct_s2q(ref, episode, padded_argmax(first.final, episode.padding))
+
+    assert torch.equal(res.pseudo_mask, mask) and torch.equal(predictions[0].mask, mask)
+    assert torch.allclose(predictions[0].final, first.final, atol=1e-6)
+    assert torch.allclose(predictions[0].meta, first.meta, atol=1e-5)
+    assert res.losses == [pytest.approx(loss.item(), rel=1e-5)]
+    assert torch.allclose(predictions[1].final, second.final, atol=1e-5)
+    assert torch.allclose(predictions[1].meta, second.meta, atol=1e-4)
+    assert res.round_scores == [pytest.approx(first_score, abs=1e-6), pytest.approx(second_score, abs=1e-6)]
+    assert not torch.allclose(first.final, second.final, atol=1e-4)   # the step changed something
+
+
+# ---- 7. the query label is read only when asked for ------------------------------------------------
+def test_pseudo_mode_ignores_the_query_mask(msanet1, ep1):
+    engine = EFTNet(msanet1, make_cfg())
+    plain = run(engine, ep1)
+    opposite = (1 - plain.zero_round.final.argmax(1)).masked_fill(ep1.padding, 255)
+    assert_same_result(plain, run(engine, ep1, query_mask=opposite))
+    assert_same_result(plain, run(engine, ep1, query_mask=ep1.query_mask))
+
+
+def test_ground_truth_mode_scores_with_the_query_mask(msanet1, ep1):
+    pseudo = run(EFTNet(msanet1, make_cfg()), ep1)
+    engine = EFTNet(msanet1, make_cfg(s2q_query_mask="ground_truth"))
+    zero_label = padded_argmax(pseudo.zero_round.final, ep1.padding)
+    opposite = (1 - zero_label).masked_fill(ep1.padding, 255)
+    same_as_pseudo = run(engine, ep1, query_mask=zero_label)
+    flipped = run(engine, ep1, query_mask=opposite)
+    # Round 1's pseudo query mask is the zero round's padded argmax, so that score agrees.
+    assert same_as_pseudo.round_scores[0] == pseudo.round_scores[0]
+    assert flipped.round_scores[0] != same_as_pseudo.round_scores[0]
+    # The q2s predictions do not read the query label at all.
+    assert torch.equal(flipped.pseudo_mask, same_as_pseudo.pseudo_mask)
+    with pytest.raises(ValueError, match="query_mask"):
+        run(engine, ep1)
+
+
+# ---- 8. a non-finite loss ends the rounds ---------------------------------------------------------
+@pytest.mark.parametrize("nan_from_round, scores, chosen", [(2, [0.2, 0.5], 2), (2, [0.5, 0.2], 1), (1, [0.3], 1)])
+def test_non_finite_loss_stops_with_the_best_round_so_far(msanet1, ep1, monkeypatch, steps,
+                                                          nan_from_round, scores, chosen):
+    calls = []
+    cross_entropy = F.cross_entropy
+
+    def nan_later(*args, **kwargs):   # two calls per round: main and aux loss
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 2 * (nan_from_round - 1) else loss
+    monkeypatch.setattr(eftnet.F, "cross_entropy", nan_later)
+    script_scores(monkeypatch, scores + [1.0, 1.0, 1.0])
+    predictions = record_q2s(monkeypatch)
+    before = snapshot(msanet1)
+
+    res = run(EFTNet(msanet1, make_cfg(ft_base_lr=0.005)), ep1)
+    assert res.stopped_early
+    assert res.round_scores == scores and len(predictions) == nan_from_round
+    assert len(res.losses) == nan_from_round and math.isnan(res.losses[-1])
+    assert all(math.isfinite(v) for v in res.losses[:-1])
+    assert len(steps) == nan_from_round - 1
+    assert res.chosen_round == chosen and torch.equal(res.final, predictions[chosen - 1].final)
+    assert torch.isfinite(res.final).all() and torch.isfinite(res.meta).all()
+    assert_state_equal(msanet1, before)
+
+
+def test_finite_run_is_not_marked_stopped(msanet1, ep1):
+    res = run(EFTNet(msanet1, make_cfg()), ep1)
+    assert not res.stopped_early and len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses)
+
+
+# ---- 9. edge cases ----------------------------------------------------------------------------------
+def test_empty_and_all_ignored_support_masks(msanet1, ep1):
+    engine = EFTNet(msanet1, make_cfg())
+    empty = SimpleNamespace(**{**vars(ep1), "masks": torch.zeros_like(ep1.masks)})
+    ignored = SimpleNamespace(**{**vars(ep1), "masks": torch.full_like(ep1.masks, 255)})
+    res_empty, res_ignored = run(engine, empty), run(engine, ignored)
+    for res in (res_empty, res_ignored):
+        assert all(math.isfinite(s) for s in res.round_scores) and all(math.isfinite(v) for v in res.losses)
+        for t in (res.final, res.meta, res.base, res.zero_round.final):
+            assert torch.isfinite(t).all()
+        assert 1 <= res.chosen_round <= 5
+    # No support foreground to re-segment: every IoU is 0. 255 reads as background everywhere.
+    assert res_empty.round_scores == [0.0] * 5
+    assert_same_result(res_empty, res_ignored)
+
+
+def test_batches_of_more_than_one_episode_are_refused(msanet1, ep1):
+    with pytest.raises(ValueError, match="batch"):
+        EFTNet(msanet1, make_cfg()).adapt(ep1.query.expand(2, -1, -1, -1), ep1.supports.expand(2, -1, -1, -1, -1),
+                                          ep1.masks.expand(2, -1, -1, -1))
+
+
+# ---- 10. BAM -----------------------------------------------------------------------------------------
+def test_bam_goes_through_the_same_rounds(ep1, steps):
+    torch.manual_seed(0)
+    bam = BAM("vgg", 1, 15).eval()
+    before = snapshot(bam)
+    res = run(EFTNet(bam, make_cfg()), ep1)
+    assert len(res.round_scores) == 5 and 1 <= res.chosen_round <= 5 and len(steps) == 4
+    assert res.final.shape == res.meta.shape == (1, 2, SIZE, SIZE)
+    for t in (res.final, res.meta, res.base):
+        assert torch.isfinite(t).all()
+    with torch.no_grad():
+        plain = bam(ep1.query, ep1.supports, ep1.masks)
+    assert torch.allclose(res.zero_round.final, plain.final, atol=1e-6)
+    assert_state_equal(bam, before)
