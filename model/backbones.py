@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v2, vgg16_bn
+from torchvision.models import mobilenet_v2
+from torchvision.models.vgg import cfgs as vgg_configs, make_layers as vgg_features
 from torchvision.models.resnet import Bottleneck
 
 RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -81,7 +82,7 @@ def resnet_layers(depth: int) -> list[nn.Module]:
 
 def vgg_layers() -> list[nn.Module]:
     """layer0..layer4 of VGG16-BN with ceil-mode pools, each stage re-indexed from 0."""
-    features = vgg16_bn(weights=None).features
+    features = vgg_features(vgg_configs["D"], batch_norm=True)  # VGG16-BN without its classifier
     for module in features:
         if isinstance(module, nn.MaxPool2d):
             module.ceil_mode = True
