@@ -86,6 +86,9 @@ def vgg_layers() -> list[nn.Module]:
     for module in features:
         if isinstance(module, nn.MaxPool2d):
             module.ceil_mode = True
+        elif isinstance(module, nn.Conv2d):  # torchvision's VGG initialisation
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
     return [nn.Sequential(*features[a:b]) for a, b in VGG_STAGES]
 
 
