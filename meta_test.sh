@@ -7,6 +7,7 @@
 #
 # OPTS: extra config overrides passed to every run (key value ...).
 # TAG:  suffix of the output folder, to keep variants apart (default: derived from OPTS).
+# EXP:  output root (default exp).
 # PYTHON: interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +26,7 @@ results=()
 for split in $splits; do
   config=config/$dataset/${dataset}_split${split}_${backbone}.yaml
   [ -f "$config" ] || { echo "meta_test.sh: no config $config" >&2; exit 2; }
-  out=exp/$dataset/${backbone}_${shot}shot/$tag/split$split
+  out=${EXP:-exp}/$dataset/${backbone}_${shot}shot/$tag/split$split
   mkdir -p "$out"
   echo "== $config -> $out"
   "$python" meta_test.py --config "$config" --exp-dir "$out" --opts shot "$shot" "${opts[@]}" 2>&1 | tee "$out/meta_test.log"
@@ -33,4 +34,4 @@ for split in $splits; do
 done
 echo
 echo "== $dataset $backbone ${shot}-shot, folds: $splits"
-"$python" -m util.report "${results[@]}" | tee "exp/$dataset/${backbone}_${shot}shot/$tag/summary.txt"
+"$python" -m util.report "${results[@]}" | tee "${EXP:-exp}/$dataset/${backbone}_${shot}shot/$tag/summary.txt"

