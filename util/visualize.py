@@ -9,8 +9,9 @@ import torch
 
 from util.transforms import MEAN, STD
 
-FOREGROUND = np.array([255, 60, 40], dtype=np.float32)  # RGB
+OUTLINE = (255, 40, 40)  # RGB
 IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.float32)
+IGNORE_VALUE = 255
 
 
 def to_rgb(image: torch.Tensor) -> np.ndarray:
@@ -19,14 +20,15 @@ def to_rgb(image: torch.Tensor) -> np.ndarray:
     return np.clip(array, 0, 255).astype(np.uint8)
 
 
-def overlay(rgb: np.ndarray, mask: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
-    """Foreground (1) tinted red, ignore (255) tinted white."""
+def overlay(rgb: np.ndarray, mask: torch.Tensor) -> np.ndarray:
+    """Foreground (1) kept bright with a red outline, the rest dimmed; ignore (255) whitened."""
     mask = mask.detach().cpu().numpy()
     out = rgb.astype(np.float32)
-    for value, colour in ((1, FOREGROUND), (255, IGNORE_COLOUR)):
-        sel = mask == value
-        out[sel] = (1 - alpha) * out[sel] + alpha * colour
-    return out.astype(np.uint8)
+    out[mask != 1] *= 0.4
+    out[mask == IGNORE_VALUE] = 0.6 * out[mask == IGNORE_VALUE] + 0.4 * IGNORE_COLOUR
+    out = out.astype(np.uint8)
+    contours, _ = cv2.findContours((mask == 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return cv2.drawContours(np.ascontiguousarray(out), contours, -1, OUTLINE, 1)
 
 
 def _titled(tile: np.ndarray, title: str) -> np.ndarray:

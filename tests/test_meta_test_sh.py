@@ -1,0 +1,32 @@
+"""`bash meta_test.sh` (the README's main job) end to end on a tiny setting, as a newcomer runs it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (REPO / "weights" / "demo" / "split0" / "mobilenetv2" / "demo_split0.pth").exists(),
+                    reason="the committed demo checkpoints are missing")
+def test_meta_test_sh_on_two_demo_folds(tmp_path):
+    demo = tmp_path / "demo"
+    opts = f"test_num 3 num_seeds 1 workers 0 data_root {demo} lists_root {demo}/lists"
+    env = {**os.environ, "OPTS": opts, "EXP": str(tmp_path / "exp"), "TAG": "tiny"}
+    done = subprocess.run(["bash", "meta_test.sh", "demo", "mobilenetv2", "1", "0", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    out = tmp_path / "exp" / "demo" / "mobilenetv2_1shot" / "tiny"
+    for split in (0, 1):
+        results = json.loads((out / f"split{split}" / "results.json").read_text())
+        assert results["split"] == split and results["uses_query_labels"] is False
+        assert results["seeds"]["510"]["episodes"] == 3
+        assert (out / f"split{split}" / "tensorboard").is_dir()
+    summary = (out / "summary.txt").read_text()
+    assert "mIoU EFTNet" in summary and summary.count("\n") >= 5
+    assert "mean |" in done.stdout
+    assert (demo / "demo_manifest.json").exists()  # generated on first use
