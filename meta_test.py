@@ -30,7 +30,7 @@ from util.config import backbone_name, config_summary, load_config, repo_path
 from util.dataset import build_episode_dataset
 from util.demo_data import ensure_demo
 from util.episodes import save_episodes
-from util.evaluation import RecordFile, Scores, episode_record, evaluation_seeds, format_table
+from util.evaluation import RecordFile, Scores, episode_record, evaluation_seeds, format_table, record_counts
 from util.metrics import FewShotMeter
 from util.splits import base_classes, novel_classes
 from util.visualize import episode_panel
@@ -146,7 +146,7 @@ class Evaluator:
     def log_episode(self, step, seed_index, index, record, running, batch, zero, eft) -> None:
         for method, meter in running.items():
             if method in record:
-                meter.add(record["class_idx"], *[torch.tensor(c, dtype=torch.float64) for c in record[method]["final"]])
+                meter.add(record["class_idx"], *record_counts(record[method]["final"]))
         if self.writer is None:
             return
         self.writer.add_scalar("time/seconds_per_episode", record["seconds"], step)

@@ -148,6 +148,16 @@ def test_tap_counts(models, backbone, taps, hyper):
     assert model.hyper_final[0].in_channels == hyper
 
 
+def stages_with_hooks(layers, x, handles) -> list:
+    """A plain stage-by-stage forward (input first) while the hooks record; then remove them."""
+    plain = [x]
+    for layer in layers:
+        plain.append(layer(plain[-1]))
+    for h in handles:
+        h.remove()
+    return plain
+
+
 @torch.no_grad()
 def test_resnet_taps_are_pre_relu_block_outputs(models):
     layers = stages_of(models("MSANet", "resnet50"))
@@ -161,12 +171,7 @@ def test_resnet_taps_are_pre_relu_block_outputs(models):
         assert isinstance(block, Bottleneck)
         calls = seen.setdefault(id(block), [])
         handles.append(block.relu.register_forward_pre_hook(lambda m, inp, calls=calls: calls.append(inp[0].clone())))
-    plain = [x]
-    for layer in layers:
-        plain.append(layer(plain[-1]))
-    for h in handles:
-        h.remove()
-
+    plain = stages_with_hooks(layers, x, handles)
     for ours, ref in zip(stages, plain[1:]):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
         assert ours.min() >= 0
@@ -187,11 +192,7 @@ def test_vgg_taps_are_pre_bn_conv_outputs(models):
     convs = []
     handles = [layer[i].register_forward_hook(lambda m, inp, out: convs.append(out.clone()))
                for layer in layers[3:] for i in (0, 3, 6)]
-    plain = [x]
-    for layer in layers:
-        plain.append(layer(plain[-1]))
-    for h in handles:
-        h.remove()
+    plain = stages_with_hooks(layers, x, handles)
     for ours, ref in zip(stages, plain[1:]):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     assert len(taps) == 7

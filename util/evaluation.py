@@ -45,6 +45,11 @@ def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int) ->
     return record
 
 
+def record_counts(counts: list[list[int]]) -> list[torch.Tensor]:
+    """A record's (intersection, union, target) lists as float64 tensors for the meters."""
+    return [torch.tensor(c, dtype=torch.float64) for c in counts]
+
+
 class RecordFile:
     """Append-only JSON-lines file of episode records, flushed after each one."""
 
@@ -93,9 +98,8 @@ class Scores:
         for method in ("zero", "eftnet"):
             for output in ("final", "meta"):
                 if method in record:
-                    counts = [torch.tensor(c, dtype=torch.float64) for c in record[method][output]]
-                    self.meters[f"{method}_{output}"].add(record["class_idx"], *counts)
-        self.base.add(*[torch.tensor(c, dtype=torch.float64) for c in record["base"]])
+                    self.meters[f"{method}_{output}"].add(record["class_idx"], *record_counts(record[method][output]))
+        self.base.add(*record_counts(record["base"]))
         if "rounds" in record:
             self.chosen.append(record["rounds"]["chosen"])
             self.round_scores.append(record["rounds"]["scores"])
