@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.backbones import BACKBONES, Features
+from model.contract import check_forward_inputs
 from model.ops import gram_distance, gram_matrix, resize, weighted_gap
 from model.pspnet import base_learner, output_size
 
@@ -252,6 +253,7 @@ class FewShotModel(nn.Module):
     # ---- the plain model ----------------------------------------------------------------
     def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Prediction:
         """Base-model prediction: query [B,3,S,S], supports [B,K,3,S,S], masks [B,K,S,S] (0/1/255)."""
+        check_forward_inputs(self, query_img, support_imgs, support_masks)
         query = self.extract(query_img)
         support = self.extract(support_imgs.flatten(0, 1))
         stats = self.match(query, support, support_masks)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.base import FewShotModel, Guidance, Prediction, ShotStats
+from model.contract import check_adapt_inputs
 
 IGNORE = 255
 IOU_EPS = 1e-10
@@ -112,6 +113,7 @@ class EFTNet:
     def adapt(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor,
               padding: Optional[Tensor] = None, query_mask: Optional[Tensor] = None) -> AdaptResult:
         """Adapt on one episode (batch size 1, as in the reference); weights are restored after."""
+        check_adapt_inputs(self.model, query_img, support_imgs, support_masks, padding, query_mask)
         if query_img.shape[0] != 1:
             raise ValueError(f"EFTNet adapts one episode at a time (batch size 1), got a batch of {query_img.shape[0]}")
         if self.query_mask_source == "ground_truth" and query_mask is None:
