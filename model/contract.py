@@ -58,6 +58,11 @@ def _check_episode(model: nn.Module, query_img: Any, support_imgs: Any, support_
     if support_imgs.dim() != 5 or support_imgs.shape[2] != 3:
         raise ValueError(f"support_imgs: expected [B, K, 3, S, S], got {_shape(support_imgs)}")
     shots = support_imgs.shape[1]
+    model_shot = getattr(model, "shot", None)
+    if model_shot is not None and shots not in (1, model_shot):
+        allowed = "K = 1 support" if model_shot == 1 else f"K = 1 or K = {model_shot} supports"
+        raise ValueError(f"support_imgs: expected {allowed} (the model was built with shot = {model_shot}), "
+                         f"got K = {shots} ({_shape(support_imgs)})")
     _require_shape("support_imgs", support_imgs, (batch, shots, 3, size, size), "[B, K, 3, S, S]",
                    "B, S from query_img")
     _require_shape("support_masks", support_masks, (batch, shots, size, size), "[B, K, S, S]",
@@ -65,17 +70,13 @@ def _check_episode(model: nn.Module, query_img: Any, support_imgs: Any, support_
     for name in ("padding", "query_mask"):
         if name in given:
             _require_shape(name, given[name], (batch, size, size), "[B, S, S]", "B, S from query_img")
-    model_shot = getattr(model, "shot", None)
-    if model_shot is not None and shots not in (1, model_shot):
-        raise ValueError(f"support_imgs: this model was built for {model_shot} shot(s): expected K = 1 or "
-                         f"K = {model_shot} supports, got K = {shots} ({_shape(support_imgs)})")
 
     # dtypes
     float_dtype, device = _model_dtype_device(model)
     for name in ("query_img", "support_imgs"):
         if given[name].dtype != float_dtype:
             raise ValueError(f"{name}: expected {_dtype(float_dtype)} (the model's dtype), got "
-                             f"{_dtype(given[name].dtype)} (call {_cast_hint(float_dtype)})")
+                             f"{_dtype(given[name].dtype)} ({_image_hint(given[name].dtype, float_dtype)})")
     for name, mask in masks.items():
         if not _is_integer(mask):
             raise ValueError(f"{name}: expected an integer dtype (int64 or uint8) with values in "
@@ -83,7 +84,7 @@ def _check_episode(model: nn.Module, query_img: Any, support_imgs: Any, support_
                              f"{_values(mask)} (call .long() if they are all 0, 1 or 255)")
     if padding is not None and padding.dtype != torch.bool:
         raise ValueError(f"padding: expected bool (True on the padded canvas), got {_dtype(padding.dtype)} "
-                         f"with values {_values(padding)}")
+                         f"with values {_values(padding)} (call .bool() if it is 0/1)")
 
     # devices
     owner = "the model's device" if device is not None else "query_img's device"
@@ -118,7 +119,7 @@ def _require_mask_values(name: str, mask: Tensor) -> None:
         bad &= mask != allowed
     if bool(bad.any()):
         raise ValueError(f"{name}: expected values in {_value_set()} ({MASK_MEANING}), got values {_values(mask)} "
-                         "(for a label map of class ids, pass (label == class_id) as 1 and keep 255)")
+                         "(from a label map of class ids: (label == class_id).long(), with 255 kept where the label is 255)")
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, Optional[torch.device]]:
@@ -151,5 +152,7 @@ def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _cast_hint(dtype: torch.dtype) -> str:
-    return ".float()" if dtype == torch.float32 else f".to(torch.{_dtype(dtype)})"
+def _image_hint(got: torch.dtype, expected: torch.dtype) -> str:
+    if not got.is_floating_point:
+        return "images are normalised RGB: convert to float and normalise them as util.transforms does"
+    return "call " + (".float()" if expected == torch.float32 else f".to(torch.{_dtype(expected)})")
