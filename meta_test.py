@@ -6,6 +6,12 @@
 Per seed: the episode list, then per episode the zero round (plain base model) and the
 EFTNet rounds; one JSON record per finished episode (a killed run resumes from them),
 metrics for both, a results JSON, TensorBoard curves and a table.
+
+Every input is checked before anything is written to the output folder (config, checkpoint,
+data, the episode lists of all seeds, earlier records there); a user's mistake ends the run
+with one message and a non-zero exit (2 for config and usage), the traceback only with
+``--debug``. Inputs that the reference accepts but that change what the numbers mean give a
+WARNING that is printed and stored in ``results.json`` (``warnings``).
 """
 from __future__ import annotations
 
@@ -25,12 +31,14 @@ from tqdm import tqdm
 from model import build_model
 from model.eftnet import EFTNet
 from util import distributed
-from util.checkpoint import checkpoint_path, load_weights
-from util.config import backbone_name, config_summary, load_config, repo_path
-from util.dataset import build_episode_dataset
+from util.checkpoint import checkpoint_path, file_sha256, load_weights
+from util.config import backbone_name, config_summary, config_warnings, load_config, repo_path
+from util.dataset import EpisodeDataset, build_episode_dataset, episode_file_path
 from util.demo_data import ensure_demo
-from util.episodes import save_episodes
-from util.evaluation import RecordFile, Scores, episode_record, evaluation_seeds, format_table, record_counts
+from util.episodes import Episode, load_episodes, save_episodes
+from util.errors import OutputError, user_errors
+from util.evaluation import (RecordFile, Scores, episode_record, evaluation_seeds, format_table, per_round_mean,
+                             record_counts, write_text_atomic)
 from util.metrics import FewShotMeter
 from util.splits import base_classes, novel_classes
 from util.visualize import episode_panel
@@ -45,7 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--arch", default=None, help="MSANet or BAM (sets cfg.arch)")
     parser.add_argument("--exp-dir", default=None, help="output folder (default: derived from the config)")
-    parser.add_argument("--restart", action="store_true", help="discard records of an earlier run in exp-dir")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard records and episode lists of an earlier run in exp-dir (once the new "
+                             "run's inputs have been checked)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: key value ...")
     return parser.parse_args(argv)
 
@@ -61,17 +72,87 @@ def output_dir(cfg, given: str | None) -> Path:
         f"{cfg.shot}shot" / run_name(cfg)
 
 
-def prepare_output(out: Path, cfg, restart: bool) -> None:
-    """Create ``out``; refuse to resume records made with a different configuration."""
+def fingerprint(cfg, checkpoint_sha256: str) -> str:
+    """What records may be resumed under: the configuration and the checkpoint file's content
+    (a replaced file at the same path is another model)."""
+    return json.dumps({"config": cfg, "checkpoint_sha256": checkpoint_sha256}, sort_keys=True, default=str)
+
+
+def _difference(old_text: str, new_text: str) -> str:
+    """What differs between two fingerprints, in words."""
+    try:
+        old, new = json.loads(old_text), json.loads(new_text)
+        old_cfg, old_sha = old["config"], old["checkpoint_sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "a configuration snapshot this version cannot compare"
+    if old_sha != new["checkpoint_sha256"]:
+        return f"another checkpoint file (sha256 {old_sha[:12]}... then, {new['checkpoint_sha256'][:12]}... now)"
+    keys = sorted(k for k in set(old_cfg) | set(new["config"]) if old_cfg.get(k) != new["config"].get(k))
+    shown = ", ".join(f"{k} {old_cfg.get(k)!r} -> {new['config'].get(k)!r}" for k in keys[:5])
+    return f"another configuration ({shown}{', ...' if len(keys) > 5 else ''})"
+
+
+def check_output(out: Path, fingerprint_text: str, restart: bool) -> None:
+    """Refuse (reading only) an output folder whose records another run made."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--exp-dir {out} is a file, not a folder")
+    if restart or not out.is_dir() or not any(out.glob("records_seed*.jsonl")):
+        return
+    snapshot = out / "config.json"
+    if not snapshot.is_file():
+        raise OutputError(f"{out} holds episode records but no config.json saying which run made them; "
+                          "pass --restart to discard them or --exp-dir to write elsewhere")
+    old = snapshot.read_text()
+    if old != fingerprint_text:
+        raise OutputError(f"{out} holds records of a run with {_difference(old, fingerprint_text)}; "
+                          "pass --restart to discard them or --exp-dir to write elsewhere")
+
+
+def check_saved_episodes(path: Path, cfg, seed: int, explicit: list[Episode] | None) -> None:
+    """An episode list left in the output folder by an earlier run is reused (a resumed run
+    keeps its episodes) only if it is the run the config describes: same seed, fold and shot,
+    ``test_num`` episodes, and the episodes of ``episode_file`` when that is set."""
+    episodes, meta = load_episodes(str(path))
+    expected = {"seed": seed, "data_set": cfg.data_set, "split": cfg.split, "shot": cfg.shot}
+    problems = [f"{key} {meta.get(key)!r} there, {value!r} in the config" for key, value in expected.items()
+                if meta.get(key) != value]
+    if len(episodes) != cfg.test_num:
+        problems.append(f"{len(episodes)} episodes there, test_num {cfg.test_num} in the config")
+    if explicit is not None and explicit != episodes:
+        problems.append(f"other episodes than episode_file {episode_file_path(cfg, seed)}")
+    if problems:
+        raise OutputError(f"{path} was left by an earlier run and disagrees with the config ({'; '.join(problems)}): "
+                          "pass --restart to replace it, or --exp-dir to write elsewhere")
+
+
+def seed_episodes(cfg, out: Path, seed: int, restart: bool) -> tuple[EpisodeDataset, list[Episode], bool]:
+    """The dataset and episodes of one seed, checked; and whether the list must be saved."""
+    saved = out / f"episodes_seed{seed}.json"
+    if saved.is_file() and not restart:  # a resumed run keeps its own episode list
+        if episode_file_path(cfg, seed) is not None:  # the config's own list: checked, then compared
+            dataset, episodes = build_episode_dataset(cfg, seed)
+            check_saved_episodes(saved, cfg, seed, episodes)
+        else:
+            check_saved_episodes(saved, cfg, seed, None)
+            dataset, episodes = build_episode_dataset(type(cfg)(cfg, episode_file=str(saved.resolve())), seed)
+        return dataset, episodes, False
+    dataset, episodes = build_episode_dataset(cfg, seed)
+    return dataset, episodes, True
+
+
+def prepare_output(out: Path, cfg, fingerprint_text: str, restart: bool,
+                   plans: dict[int, tuple[EpisodeDataset, list[Episode], bool]]) -> None:
+    """Create ``out`` and write the run's config snapshot and episode lists; with ``restart``,
+    discard earlier records first. Called only once every input has been checked."""
     out.mkdir(parents=True, exist_ok=True)
-    snapshot, fingerprint = out / "config.json", json.dumps(cfg, sort_keys=True, default=str)
     if restart:
         for path in out.glob("records_seed*.jsonl"):
             path.unlink()
-    elif snapshot.exists() and any(out.glob("records_seed*.jsonl")) and snapshot.read_text() != fingerprint:
-        raise SystemExit(f"{out} holds records of a run with another configuration; "
-                         "pass --restart to discard them or --exp-dir to write elsewhere")
-    snapshot.write_text(fingerprint)
+    write_text_atomic(out / "config.json", fingerprint_text)
+    for seed, (_, episodes, save) in plans.items():
+        if save:
+            save_episodes(str(out / f"episodes_seed{seed}.json"), episodes,
+                          {"seed": seed, "data_set": cfg.data_set, "split": cfg.split, "shot": cfg.shot})
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -82,17 +163,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class Evaluator:
     """Runs the episodes of one configuration on this rank."""
 
-    def __init__(self, cfg, ctx: distributed.Context, out: Path):
-        self.cfg, self.ctx, self.out = cfg, ctx, out
+    def __init__(self, cfg, ctx: distributed.Context, checkpoint: Path):
+        self.cfg, self.ctx = cfg, ctx
         self.model = build_model(cfg).to(ctx.device).eval()
-        path = checkpoint_path(cfg)
-        info = load_weights(self.model, path)
-        log.info("loaded %s (%s)", path, info)
+        info = load_weights(self.model, checkpoint)
+        log.info("loaded %s (%s)", checkpoint, info)
         self.engine = EFTNet(self.model, cfg) if cfg.loop_ft else None
         self.num_novel = len(novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco))
         self.num_base = len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco))
         self.writer = None
-        if ctx.main:
+
+    def open_output(self, out: Path) -> None:
+        """Start writing to ``out`` (its TensorBoard logs on the main rank)."""
+        self.out = out
+        if self.ctx.main:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
@@ -105,17 +189,8 @@ class Evaluator:
                                    padding=batch["padding"], query_mask=query_mask)
         return batch, result.zero_round, result
 
-    def run_seed(self, seed_index: int, seed: int) -> Scores:
+    def run_seed(self, seed_index: int, seed: int, dataset: EpisodeDataset) -> Scores:
         cfg, ctx, out = self.cfg, self.ctx, self.out
-        episode_file = out / f"episodes_seed{seed}.json"
-        seed_cfg = type(cfg)(cfg)
-        if episode_file.exists():  # a resumed run keeps its own episode list
-            seed_cfg.episode_file = str(episode_file.resolve())
-        dataset, episodes = build_episode_dataset(seed_cfg, seed)
-        if ctx.main and not episode_file.exists():
-            save_episodes(str(episode_file), episodes, {"seed": seed, "data_set": cfg.data_set,
-                                                        "split": cfg.split, "shot": cfg.shot})
-        ctx.barrier()
         record_paths = sorted(out.glob(f"records_seed{seed}_rank*.jsonl"))
         done = RecordFile.read_all(record_paths)
         mine = [i for i in range(len(dataset)) if i % ctx.world == ctx.rank]
@@ -178,37 +253,55 @@ class Evaluator:
         self.writer.add_scalar("seed/base_miou", summary["base_miou"], seed_index)
         if scores.chosen:
             self.writer.add_histogram("rounds/chosen_round_histogram", np.array(scores.chosen), seed_index)
-            for r, value in enumerate(np.mean(scores.round_scores, 0), start=1):
+            for r, value in enumerate(per_round_mean(scores.round_scores), start=1):
                 self.writer.add_scalar(f"rounds/s2q_score_seed{seed}", value, r)
-            losses = [l for l in scores.round_losses if len(l) == len(scores.round_losses[0])]
-            for r, value in enumerate(np.mean(losses, 0) if losses else [], start=1):
+            for r, value in enumerate(per_round_mean(scores.round_losses), start=1):
                 self.writer.add_scalar(f"rounds/loss_seed{seed}", value, r)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line: results as a dict; a user's mistake exits with one message."""
     args = parse_args(argv)
+    with user_errors("meta_test.py", args.debug):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     opts = list(args.opts) + (["arch", args.arch] if args.arch else [])
     cfg = load_config(args.config, opts)
     ctx = distributed.setup(cfg.device)
     logging.basicConfig(level=logging.INFO if ctx.main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    out = output_dir(cfg, args.exp_dir)
-    if ctx.main:
-        prepare_output(out, cfg, args.restart)
-    ctx.barrier()
-    log.info("config %s\n%s", args.config, config_summary(cfg))
+    warnings = config_warnings(cfg)
     if cfg.loop_ft and cfg.s2q_query_mask == "ground_truth":
-        log.warning(QUERY_LABEL_WARNING)
+        warnings.append(QUERY_LABEL_WARNING)
+    out = output_dir(cfg, args.exp_dir)
+    checkpoint = checkpoint_path(cfg)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (weights/README.md says which released "
+                                "files go where; `weight_path` points at any other file)")
+    checkpoint_sha256 = file_sha256(checkpoint)  # once: it fingerprints the records
+    fingerprint_text = fingerprint(cfg, checkpoint_sha256)
+    check_output(out, fingerprint_text, args.restart)
+    log.info("config %s\n%s", args.config, config_summary(cfg))
+    for warning in warnings:
+        log.warning(warning)
     if cfg.data_set == "demo":  # the built-in benchmark is generated on first use
         if ctx.main:
             ensure_demo(repo_path(cfg.data_root))
         ctx.barrier()
-    evaluator = Evaluator(cfg, ctx, out)
+    evaluator = Evaluator(cfg, ctx, checkpoint)
+    seeds = evaluation_seeds(cfg.manual_seed, cfg.num_seeds)
+    plans = {seed: seed_episodes(cfg, out, seed, args.restart) for seed in seeds}
+    if ctx.main:  # every input is checked: only now is the output folder touched
+        prepare_output(out, cfg, fingerprint_text, args.restart, plans)
+    ctx.barrier()
+    evaluator.open_output(out)
     per_seed: dict[int, dict] = {}
-    for seed_index, seed in enumerate(evaluation_seeds(cfg.manual_seed, cfg.num_seeds)):
-        scores = evaluator.run_seed(seed_index, seed)
+    for seed_index, seed in enumerate(seeds):
+        scores = evaluator.run_seed(seed_index, seed, plans[seed][0])
         per_seed[seed] = scores.summary(cfg.loop_ft)
-        per_seed[seed]["mean_round_scores"] = np.mean(scores.round_scores, 0).tolist() if scores.chosen else []
+        per_seed[seed]["mean_round_scores"] = per_round_mean(scores.round_scores)
         per_seed[seed]["chosen_rounds"] = np.bincount(scores.chosen, minlength=cfg.ft_number + 1)[1:].tolist() \
             if scores.chosen else []
         evaluator.log_seed(seed_index, seed, per_seed[seed], scores)
@@ -216,21 +309,23 @@ def main(argv: list[str] | None = None) -> dict:
                "split": cfg.split, "shot": cfg.shot, "backbone": backbone_name(cfg), "loop_ft": cfg.loop_ft,
                "s2q_query_mask": cfg.s2q_query_mask if cfg.loop_ft else None,
                "uses_query_labels": bool(cfg.loop_ft and cfg.s2q_query_mask == "ground_truth"),
-               "seeds": per_seed}
+               "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256,
+               "warnings": warnings, "seeds": per_seed}
     for method in ("zero", "eftnet") if cfg.loop_ft else ("zero",):
         values = np.array([[s[method]["miou"], s[method]["fbiou"]] for s in per_seed.values()])
         results[method] = {"miou_mean": values[:, 0].mean(), "fbiou_mean": values[:, 1].mean(),
                            "miou_best": values[:, 0].max(), "fbiou_best": values[:, 1].max()}
     if ctx.main:
         table = format_table(per_seed, cfg.loop_ft)
+        counts = sorted({s["episodes"] for s in per_seed.values()})
         heading = f"{cfg.arch} {backbone_name(cfg)} {cfg.data_set} fold {cfg.split}, {cfg.shot}-shot, " \
-                  f"{cfg.test_num} episodes x {len(per_seed)} seeds"
+                  f"{'/'.join(map(str, counts))} episodes x {len(per_seed)} seeds"
         if cfg.loop_ft:
             heading += f"; EFTNet s2q query mask: {cfg.s2q_query_mask}"
-        text = heading + "\n" + table + ("\n" + QUERY_LABEL_WARNING if results["uses_query_labels"] else "")
+        text = "\n".join([heading, table] + [f"WARNING: {w}" for w in warnings])
         print(text)
-        (out / "results.txt").write_text(text + "\n")
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        write_text_atomic(out / "results.txt", text + "\n")
+        write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=float))
         evaluator.writer.close()
     distributed.cleanup()
     return results

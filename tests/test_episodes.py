@@ -121,7 +121,7 @@ def _write_tree(tmp_path):
 
 def _cfg(tmp_path, root, **kw):
     base = dict(data_set="pascal", split=0, shot=2, use_split_coco=False, data_root=str(root),
-                lists_root=str(tmp_path / "lists"), val_list=str(tmp_path / "val.txt"),
+                lists_root="", val_list=str(tmp_path / "val.txt"),
                 val_size=33, test_num=12, episode_file=None)
     return SimpleNamespace(**{**base, **kw})
 
@@ -184,18 +184,24 @@ def test_fss_list_files_and_episode_file(tmp_path):
     write_fss_lists(str(tmp_path / "lists" / "pascal" / "fss_list" / "val"), 0,
                     [full(p) for p in data], {c: [full(p) for p in v] for c, v in sub.items()},
                     str(root))
-    cfg = _cfg(tmp_path, root, val_list=None)
+    cfg = _cfg(tmp_path, root, val_list=None, lists_root=str(tmp_path / "lists"))
     _, from_lists = build_episode_dataset(cfg, seed=4)
     assert from_lists == build_episode_dataset(_cfg(tmp_path, root), seed=4)[1]
     path = tmp_path / "episodes_4.json"
     save_episodes(str(path), from_lists[:5], {"seed": 4})
     pattern = str(tmp_path / "episodes_{seed}.json")
-    _, loaded = build_episode_dataset(_cfg(tmp_path, root, episode_file=pattern), seed=4)
+    _, loaded = build_episode_dataset(_cfg(tmp_path, root, episode_file=pattern, test_num=5), seed=4)
     assert loaded == from_lists[:5]
     with pytest.raises(ValueError, match="shot=1"):
-        build_episode_dataset(_cfg(tmp_path, root, shot=1, episode_file=str(path)), seed=4)
+        build_episode_dataset(_cfg(tmp_path, root, shot=1, episode_file=str(path), test_num=5), seed=4)
     with pytest.raises(ValueError, match="not a novel class"):
-        build_episode_dataset(_cfg(tmp_path, root, split=1, episode_file=str(path)), seed=4)
+        build_episode_dataset(_cfg(tmp_path, root, split=1, episode_file=str(path), test_num=5), seed=4)
+    with pytest.raises(ValueError, match=r"holds 5 episodes .* test_num=12: set test_num 5"):
+        build_episode_dataset(_cfg(tmp_path, root, episode_file=str(path)), seed=4)
+    with pytest.raises(FileNotFoundError, match=r"episode_file .*episodes_9\.json \(seed 9\) does not exist"):
+        build_episode_dataset(_cfg(tmp_path, root, episode_file=pattern), seed=9)
+    with pytest.raises(FileNotFoundError, match=r"lists_root .*elsewhere' was given but"):
+        build_episode_dataset(_cfg(tmp_path, root, lists_root=str(tmp_path / "elsewhere")), seed=4)
 
 
 def test_missing_inputs_and_bad_labels(tmp_path):

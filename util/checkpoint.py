@@ -7,6 +7,7 @@ on its own device by ``load_state_dict`` (which also converts e.g. float16 stora
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from model.backbones import MOBILENET_STAGES, VGG_STAGES
-from util.config import backbone_name, repo_path
+from util.config import ConfigError, backbone_name, repo_path
+from util.errors import ProjectError
 
 BACKBONE_PREFIXES = tuple(f"layer{i}." for i in range(5))
 PSPNET_REMAP = {"ppm.": "learner_base.0.", "cls.": "learner_base.1."}
@@ -23,10 +25,13 @@ RESNET_STEM = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3", "bn2
 FEATURE_STAGES = {"vgg": VGG_STAGES, "mobilenetv2": MOBILENET_STAGES}  # torchvision ``features.N``
 DATASET_OF_BASE_CLASSES = {15: "PASCAL-5i", 60: "COCO-20i"}
 SHOWN = 8  # keys listed per kind of mismatch
+WHERE_TO_GET = {"checkpoint": "weights/README.md says which released files go where",
+                "PSPNet file": "initmodel/README.md says where the PSPNet files go",
+                "ImageNet backbone file": "initmodel/README.md says where the ImageNet files go"}
 
 
-class CheckpointError(ValueError):
-    """A weight file cannot be read or holds no state_dict."""
+class CheckpointError(ProjectError, ValueError):
+    """A weight file cannot be read, holds no state_dict or holds non-finite values."""
 
 
 class CheckpointMismatch(CheckpointError):
@@ -37,7 +42,8 @@ def _read_state(path: str | Path, what: str) -> tuple[dict[str, Tensor], Any]:
     """The file's state_dict with ``module.`` stripped, and its ``epoch`` (None if absent)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        hint = f" ({WHERE_TO_GET[what]})" if what in WHERE_TO_GET else ""
+        raise FileNotFoundError(f"{what} not found: {path}{hint}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt archives and foreign pickles raise many different types
@@ -50,6 +56,12 @@ def _read_state(path: str | Path, what: str) -> tuple[dict[str, Tensor], Any]:
         got = f"a dict with keys {list(obj)[:6]}" if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{what} {path} holds no state_dict: expected a dict of named tensors "
                               f"or {{'state_dict': ...}}, got {got}")
+    # A NaN/inf weight gives empty predictions and a table of zeros that looks like a result.
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{what} {path} holds non-finite values (NaN or inf) in {len(bad)} tensors "
+                              f"({', '.join(bad[:SHOWN])}{', ...' if len(bad) > SHOWN else ''}): the file is "
+                              "corrupt or comes from a diverged training; use another file")
     return {k.removeprefix("module."): v for k, v in state.items()}, obj.get("epoch") if wrapped else None
 
 
@@ -199,6 +211,15 @@ def checkpoint_path(cfg) -> Path:
     if cfg.weight_path:
         return repo_path(cfg.weight_path)
     if not cfg.weight:
-        raise ValueError(f"no checkpoint configured: set `weight` (a file under {cfg.weights_root}/"
+        raise ConfigError(f"no checkpoint configured: set `weight` (a file under {cfg.weights_root}/"
                          f"{cfg.data_set}/split{cfg.split}/{backbone_name(cfg)}/) or `weight_path`")
     return repo_path(cfg.weights_root) / cfg.data_set / f"split{cfg.split}" / backbone_name(cfg) / cfg.weight
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in chunks: released checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

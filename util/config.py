@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from util.errors import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Every known key with its default; the default's type is the key's type.
@@ -53,6 +55,7 @@ SCHEMA: dict[str, Any] = {
     "reduce_dim": 256,
     "base_width": 512,  # hidden width of the base learner's classifier (512 in every release)
     "s2q_query_mask": "pseudo",  # 'ground_truth' reproduces the reference (reads the query label)
+    "similarity_cache_mb": 1024,  # EFTNet: memory for similarity products kept across rounds (0 = none)
     "kshot_order_quirk": True,  # reproduce MSANet's k-shot reweighting order bug
     "vgg_l2_last_shot_quirk": True,  # reproduce MSANet's VGG l2 correlation of the last shot
     "device": "auto",  # auto | cpu | cuda | cuda:N
@@ -81,10 +84,22 @@ CHOICES: dict[str, tuple] = {
 }
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# The smallest canvas: 5x5 feature maps at output stride 8, and images up to 4:1 keep a short
+# side of at least 8 pixels after the resize (below that the geometry has no pixels left).
+MIN_VAL_SIZE = 33
+LEARNING_RATES = ("base_lr", "ft_base_lr", "base_learner_lr")
+NON_NEGATIVE = ("workers", "manual_seed", "weight_decay", "momentum", "power", "ft_power",
+                "sr_aux_weight1", "aux_weight1", "start_epoch")
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid."""
+class ConfigError(UsageError):
+    """A config file or override is invalid (a ValueError; entry scripts exit with 2)."""
+
+
+class ConfigFileNotFound(FileNotFoundError):
+    """The config file does not exist (entry scripts exit with 2, a usage error)."""
+
+    exit_code = UsageError.exit_code
 
 
 class CfgNode(dict):
@@ -131,9 +146,17 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 def _read_sections(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with path.open() as f:
-        doc = yaml.safe_load(f)
+        raise ConfigFileNotFound(f"config file not found: {path}")
+    try:
+        with path.open() as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a text (UTF-8) YAML file: {err.reason}") from None
     if not isinstance(doc, dict) or not doc:
         raise ConfigError(f"{path}: expected a mapping of sections (Data, Train, ...)")
     values: dict[str, Any] = {}
@@ -181,8 +204,10 @@ def _validate(cfg: CfgNode, where: str) -> None:
         (cfg.shot >= 1, f"shot must be >= 1, got {cfg.shot}"),
         (cfg.val_size > 0, f"val_size must be a positive int, got {cfg.val_size}"),
         (cfg.classes > 1, f"classes must be > 1, got {cfg.classes}"),
-        (cfg.data_set == "demo" or 0 <= cfg.split <= 3,
-         f"split must be 0..3 for {cfg.data_set}, got {cfg.split}"),
+        (0 <= cfg.split <= 3, f"split must be 0..3 for {cfg.data_set} (4 folds), got {cfg.split}"),
+        (cfg.val_size >= MIN_VAL_SIZE, f"val_size must be >= {MIN_VAL_SIZE} (the square evaluation canvas, "
+                                       f"473 for PASCAL, 641 for COCO), got {cfg.val_size}"),
+        (cfg.zoom_factor == 8, f"zoom_factor must be 8 (the models' output stride), got {cfg.zoom_factor}"),
         (not cfg.loop_ft or cfg.ft_number >= 1,
          f"ft_number must be >= 1 when loop_ft is True, got {cfg.ft_number}"),
         (len(cw) == 2 and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in cw),
@@ -193,7 +218,12 @@ def _validate(cfg: CfgNode, where: str) -> None:
         (cfg.test_num >= 1, f"test_num must be >= 1, got {cfg.test_num}"),
         (cfg.num_seeds >= 1, f"num_seeds must be >= 1, got {cfg.num_seeds}"),
         (cfg.tb_images >= 0, f"tb_images must be >= 0, got {cfg.tb_images}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}"),
     ]
+    checks += [(cfg[key] >= 0, f"{key} must be >= 0 (a learning rate), got {cfg[key]}") for key in LEARNING_RATES]
+    checks += [(cfg[key] >= 0, f"{key} must be >= 0, got {cfg[key]}") for key in NON_NEGATIVE]
+    checks.append((cfg.manual_seed < 2 ** 32, f"manual_seed must be < 2**32, got {cfg.manual_seed}"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
@@ -219,6 +249,17 @@ def load_config(path: str | Path, opts: list[str] | None = None) -> CfgNode:
     return cfg
 
 
+def config_warnings(cfg: CfgNode) -> list[str]:
+    """Values the reference accepts but that change what the numbers mean; a run prints each
+    loudly and stores it in its results."""
+    warnings = []
+    if (cfg.val_size - 1) % 8:
+        warnings.append(f"val_size {cfg.val_size} is not 8k+1 (473 for PASCAL, 641 for COCO): with zoom_factor 8 "
+                        "the output maps are not aligned with the input grid and the numbers are not comparable "
+                        "with published ones (base-class mIoU drops sharply)")
+    return warnings
+
+
 def backbone_name(cfg: CfgNode) -> str:
     """The backbone: cfg.backbone if set, else 'vgg' or 'resnet{layers}' as in the reference."""
     if cfg.backbone:
@@ -229,7 +270,7 @@ def backbone_name(cfg: CfgNode) -> str:
 def repo_path(p: str | Path) -> Path:
     """A path from a config, resolved against the repository root unless it is absolute."""
     if str(p) == "":
-        raise ValueError("empty path: the config value is not set")
+        raise ConfigError("empty path: the config value is not set")
     path = Path(p).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
 

@@ -14,25 +14,49 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
+from util.errors import DataError
 from util.episodes import Episode, load_episodes, make_episodes
 from util.lists import (Pair, build_fss_lists, read_data_list, read_label,
                         read_sub_class_file_list)
 from util.splits import IGNORE, base_label_lut, novel_classes, num_classes
-from util.transforms import padding_map, transform_image, transform_label
+from util.transforms import padding_map, resized_hw, transform_image, transform_label
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LISTS_ROOT = "lists"  # SCHEMA's lists_root: without its files the plain val_list is used
 log = logging.getLogger(__name__)
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+
+
+def _jpeg_truncated(data: bytes, path: str) -> bool:
+    """Whether a JPEG file was cut short. libjpeg decodes a truncated file anyway (the lost
+    rows grey) with only a warning, so a cut file would silently change the numbers. A complete
+    file ends with the end-of-image marker; for the rare file with bytes after it, PIL's
+    decoder, which raises on a truncated stream, decides."""
+    if not data.startswith(JPEG_START) or data.rstrip(b"\x00\r\n ")[-2:] == JPEG_END:
+        return False
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, SyntaxError, ValueError):
+        return True
+    return False
 
 
 def read_image(path: str) -> np.ndarray:
-    """Image file as float32 HxWx3 RGB (read with cv2 like the reference)."""
+    """Image file as float32 HxWx3 RGB (decoded with cv2 like the reference); a truncated or
+    undecodable file raises DataError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    with open(path, "rb") as f:
+        data = f.read()
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
-        raise ValueError(f"cannot decode image file {path}")
+        raise DataError(f"cannot decode image file {path} (empty, truncated or not an image)")
+    if _jpeg_truncated(data, path):
+        raise DataError(f"image file {path} is truncated (a JPEG cut short): replace it with a complete copy")
     return np.float32(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
@@ -56,7 +80,7 @@ class EpisodeDataset(Dataset):
         self.lut = base_label_lut(data_set, split, use_split_coco)
         for i, e in enumerate(episodes):
             if e.class_id not in self.novel:
-                raise ValueError(f"episode {i}: class {e.class_id} is not a novel class of "
+                raise DataError(f"episode {i}: class {e.class_id} is not a novel class of "
                                  f"{data_set} fold {split} {self.novel}")
         self._check_files()
 
@@ -77,12 +101,16 @@ class EpisodeDataset(Dataset):
         image_path, label_path = (os.path.join(self.data_root, p) for p in pair)
         image, label = read_image(image_path), read_label(label_path)
         if image.shape[:2] != label.shape:
-            raise ValueError(f"image {image_path} is {image.shape[:2]} but label {label_path} "
-                             f"is {label.shape}")
+            raise DataError(f"image {image_path} is {image.shape[:2]} but label {label_path} "
+                            f"is {label.shape}")
         bad = np.setdiff1d(np.unique(label), [*range(self.num_classes + 1), IGNORE])
         if bad.size:
-            raise ValueError(f"label {label_path} holds values {bad.tolist()} outside "
-                             f"0..{self.num_classes} and {IGNORE}")
+            raise DataError(f"label {label_path} holds values {bad.tolist()} outside "
+                            f"0..{self.num_classes} and {IGNORE}")
+        try:
+            resized_hw(*label.shape, self.val_size)
+        except DataError as err:
+            raise DataError(f"{image_path}: {err}") from None
         return image, label
 
     def __getitem__(self, i: int) -> dict:
@@ -126,23 +154,49 @@ def _relative(pairs: list[Pair], root: Path) -> list[Pair]:
     return [tuple(os.path.relpath(os.path.abspath(p), root) for p in pair) for pair in pairs]
 
 
-def _check_loaded(episodes: list[Episode], path: Path, shot: int, novel: list[int]) -> None:
+def _check_loaded(episodes: list[Episode], path: Path, shot: int, novel: list[int], test_num: int,
+                  root: Path) -> None:
+    """An episode list read from a file must be the run the config describes, episode by
+    episode: as many episodes as ``test_num``, ``shot`` supports, a novel class that is in the
+    query's label, no support that is the query image."""
+    if len(episodes) != test_num:
+        raise DataError(f"episode file {path} holds {len(episodes)} episodes but the config asks for "
+                        f"test_num={test_num}: set test_num {len(episodes)} or use another file")
+    classes_of: dict[str, set[int]] = {}  # query label -> its classes, each label read once
     for i, e in enumerate(episodes):
         if len(e.supports) != shot:
-            raise ValueError(f"episode file {path}: episode {i} has {len(e.supports)} supports "
-                             f"but the config asks for shot={shot}")
+            raise DataError(f"episode file {path}: episode {i} has {len(e.supports)} supports "
+                            f"but the config asks for shot={shot}")
         if e.class_id not in novel:
-            raise ValueError(f"episode file {path}: episode {i} uses class {e.class_id}, not a "
-                             f"novel class of this fold {novel}")
+            raise DataError(f"episode file {path}: episode {i} uses class {e.class_id}, not a "
+                            f"novel class of this fold {novel}")
+        if any(os.path.normpath(s[0]) == os.path.normpath(e.query[0]) for s in e.supports):
+            raise DataError(f"episode file {path}: episode {i} uses its query image {e.query[0]} as a support")
+        label = e.query[1]
+        if label not in classes_of:
+            label_path = os.path.join(root, label)
+            if not os.path.isfile(label_path):
+                raise FileNotFoundError(f"episode file {path}: episode {i}: {label_path} does not exist")
+            classes_of[label] = set(np.unique(read_label(label_path)).tolist())
+        if e.class_id not in classes_of[label]:
+            raise DataError(f"episode file {path}: episode {i} segments class {e.class_id}, which is absent "
+                            f"from its query label {label}")
+
+
+def episode_file_path(cfg, seed: int) -> Path | None:
+    """``cfg.episode_file`` with ``{seed}`` replaced, against the repository root; None if unset."""
+    return _resolve(str(getattr(cfg, "episode_file", None) or "").replace("{seed}", str(seed)))
 
 
 def build_episode_dataset(cfg, seed: int) -> tuple[EpisodeDataset, list[Episode]]:
     """Episode list and dataset for one evaluation seed, from the config.
 
     Reads ``{lists_root}/{data_set}/fss_list/val/{data_list,sub_class_file_list}_{split}.txt``;
-    without them, regenerates both from ``cfg.val_list`` with the 2,048-pixel rule. With
-    ``cfg.episode_file`` set to an existing file (``{seed}`` in its name is replaced by the
-    seed), the episodes are loaded from it instead of drawn.
+    without them, and only for the default ``lists_root`` (``lists``) or an empty one (no lists
+    wanted), regenerates both from ``cfg.val_list`` with the 2,048-pixel rule. Any other
+    ``lists_root`` must hold the files: another list rule is another benchmark. With ``cfg.episode_file`` set
+    (``{seed}`` in its name is replaced by the seed), the episodes are loaded from that file,
+    which must exist and match the config (``_check_loaded``).
     """
     data_set, split, shot = cfg.data_set, cfg.split, cfg.shot
     use_split_coco = bool(getattr(cfg, "use_split_coco", False))
@@ -152,24 +206,28 @@ def build_episode_dataset(cfg, seed: int) -> tuple[EpisodeDataset, list[Episode]
         raise FileNotFoundError(f"data_root not found: {data_root or cfg.data_root!r}")
     root = data_root.resolve()
 
-    episode_file = _resolve(str(getattr(cfg, "episode_file", None) or "")
-                            .replace("{seed}", str(seed)))
-    if episode_file is not None and episode_file.is_file():
+    episode_file = episode_file_path(cfg, seed)
+    if episode_file is not None:
+        if not episode_file.is_file():
+            raise FileNotFoundError(f"episode_file {episode_file} (seed {seed}) does not exist: fix the path "
+                                    "or unset episode_file to draw episodes")
         episodes, _ = load_episodes(str(episode_file))
-        _check_loaded(episodes, episode_file, shot, novel)
+        _check_loaded(episodes, episode_file, shot, novel, cfg.test_num, root)
         log.info("loaded %d episodes from %s", len(episodes), episode_file)
     else:
-        if episode_file is not None:
-            log.info("episode file %s not found; drawing episodes with seed %d",
-                     episode_file, seed)
-        lists_root = _resolve(getattr(cfg, "lists_root", None) or "lists")
+        given = str(getattr(cfg, "lists_root", None) or "")
+        lists_root = _resolve(given or DEFAULT_LISTS_ROOT)
         fss_dir = lists_root / data_set / "fss_list" / "val"
         data_path = fss_dir / f"data_list_{split}.txt"
         sub_path = fss_dir / f"sub_class_file_list_{split}.txt"
         val_list = _resolve(getattr(cfg, "val_list", None))
-        if data_path.is_file() and sub_path.is_file():
+        if given and data_path.is_file() and sub_path.is_file():
             data_list = read_data_list(str(data_path), str(root))
             sub_lists = read_sub_class_file_list(str(sub_path), str(root))
+        elif given not in ("", DEFAULT_LISTS_ROOT):
+            missing = data_path if not data_path.is_file() else sub_path
+            raise FileNotFoundError(f"lists_root {given!r} was given but {missing} does not exist: fix lists_root, "
+                                    f"or remove it to regenerate the lists from val_list")
         elif val_list is not None and val_list.is_file():
             log.info("%s not found; building the fold-%d lists from %s (2,048-pixel rule)",
                      data_path, split, val_list)

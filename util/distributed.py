@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from util.config import ConfigError
+
 
 @dataclass
 class Context:
@@ -28,8 +30,12 @@ def choose_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available (use --opts device cpu)")
-    return torch.device(name)
+        raise ConfigError(f"device {name!r} requested but CUDA is not available (use --opts device cpu)")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                          "exist (use cuda:0, auto or cpu)")
+    return device
 
 
 def setup(device_name: str) -> Context:

@@ -16,11 +16,13 @@ so index 0 is the last support drawn).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from util.errors import DataError
 from util.lists import Pair, read_label
 
 FORMAT = "eftnet-episodes/1"
@@ -38,7 +40,7 @@ def make_episodes(data_list: list[Pair], sub_class_file_list: dict[int, list[Pai
                   label_reader: Callable[[str], np.ndarray] = read_label) -> list[Episode]:
     """Draw ``num_episodes`` episodes (see module doc); the result depends only on the inputs."""
     if not data_list:
-        raise ValueError("the data list is empty: no query images")
+        raise DataError("the data list is empty: no query images")
     if shot < 1 or num_episodes < 1:
         raise ValueError(f"shot and num_episodes must be >= 1, got {shot} and {num_episodes}")
     novel_set = set(novel)
@@ -49,7 +51,7 @@ def make_episodes(data_list: list[Pair], sub_class_file_list: dict[int, list[Pai
             present[query] = sorted(novel_set.intersection(
                 np.unique(label_reader(query[1])).tolist()))
         if not present[query]:
-            raise ValueError(f"data list entry {i} (line {i + 1}) {data_list[i][1]} holds none "
+            raise DataError(f"data list entry {i} (line {i + 1}) {data_list[i][1]} holds none "
                              f"of the fold's novel classes {sorted(novel_set)}")
     pools: dict[int, list[Pair]] = {}  # class -> its file list as tuples, built once
     rng = np.random.default_rng(seed)
@@ -60,12 +62,12 @@ def make_episodes(data_list: list[Pair], sub_class_file_list: dict[int, list[Pai
         class_id = classes[int(rng.integers(len(classes)))]
         if class_id not in pools:
             if class_id not in sub_class_file_list:
-                raise ValueError(f"class {class_id} (query {query[0]}) has no entry in the "
+                raise DataError(f"class {class_id} (query {query[0]}) has no entry in the "
                                  "sub-class file list")
             pools[class_id] = [tuple(p) for p in sub_class_file_list[class_id]]
         pool = [p for p in pools[class_id] if p != query]
         if len(pool) < shot:
-            raise ValueError(f"class {class_id} has {len(pool)} support candidates besides the "
+            raise DataError(f"class {class_id} has {len(pool)} support candidates besides the "
                              f"query {query[0]}, fewer than shot={shot}")
         drawn = [pool[j] for j in rng.choice(len(pool), size=shot, replace=False)]
         episodes.append(Episode(query, class_id, drawn[::-1]))
@@ -73,23 +75,31 @@ def make_episodes(data_list: list[Pair], sub_class_file_list: dict[int, list[Pai
 
 
 def save_episodes(path: str, episodes: list[Episode], meta: dict) -> None:
-    """Write episodes and free-form metadata (seed, fold, shot, ...) as JSON."""
+    """Write episodes and free-form metadata (seed, fold, shot, ...) as JSON, atomically (a
+    temporary file renamed over ``path``), so that a kill never leaves a torn list."""
     doc = {"format": FORMAT, "meta": meta,
            "episodes": [{"query": list(e.query), "class_id": e.class_id,
                          "supports": [list(s) for s in e.supports]} for e in episodes]}
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
 
 
 def load_episodes(path: str) -> tuple[list[Episode], dict]:
     """Read a file written by save_episodes; returns (episodes, meta)."""
-    with open(path) as f:
-        doc = json.load(f)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"episode file {path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"episode file {path} is not a text (JSON) file") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an episode file (expected format {FORMAT!r})")
+        raise DataError(f"{path} is not an episode file (expected format {FORMAT!r})")
     try:
         episodes = [Episode((e["query"][0], e["query"][1]), int(e["class_id"]),
                             [(s[0], s[1]) for s in e["supports"]]) for e in doc["episodes"]]
     except (KeyError, IndexError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: malformed episode entry ({err!r})") from None
+        raise DataError(f"{path}: malformed episode entry ({err!r})") from None
     return episodes, doc.get("meta", {})

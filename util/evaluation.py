@@ -7,6 +7,7 @@ and ranks under torchrun can sum what each of them evaluated.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -26,6 +27,21 @@ def evaluation_seeds(manual_seed: int, count: int) -> list[int]:
     drawn = [int(s) for s in rng.randint(0, 1000, max(DRAWN_SEEDS, count - 1))]
     seeds = drawn[:DRAWN_SEEDS] + [FIXED_SEED] + drawn[DRAWN_SEEDS:]
     return seeds[:count]
+
+
+def per_round_mean(values: list[list[float]]) -> list[float]:
+    """Mean of round r over the episodes that reached round r. Episodes that stopped early
+    have shorter lists, so the lists are ragged and ``np.mean(values, 0)`` would fail."""
+    length = max((len(v) for v in values), default=0)
+    return [float(np.mean([v[r] for v in values if len(v) > r])) for r in range(length)]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it: a kill leaves the old file or
+    the new one, never a torn one."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _counts(logits: torch.Tensor, label: torch.Tensor, classes: int) -> list[list[int]]:

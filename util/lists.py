@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from util.errors import DataError
 from util.splits import IGNORE
 
 Pair = tuple[str, str]
@@ -39,10 +40,10 @@ def read_label(path: str) -> np.ndarray:
             label = np.array(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"label file not found: {path}") from None
-    except OSError as e:
-        raise ValueError(f"cannot read label file {path}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated or broken files
+        raise DataError(f"cannot read label file {path} (truncated or not an image?): {e}") from None
     if mode not in ("L", "P"):
-        raise ValueError(f"label file {path} has image mode {mode!r}; expected a single-channel "
+        raise DataError(f"label file {path} has image mode {mode!r}; expected a single-channel "
                          "('L') or palette ('P') PNG holding class ids")
     return label
 
@@ -81,7 +82,7 @@ class _Resolver:
         out = []
         for path, prefix in zip(pair, self.prefixes):
             if not path.startswith(prefix):
-                raise ValueError(f"{self.source}, {where}: {path} does not start with "
+                raise DataError(f"{self.source}, {where}: {path} does not start with "
                                  f"{prefix!r} like the first entry of the list")
             full = os.path.normpath(os.path.join(self.data_root, path[len(prefix):]))
             if not os.path.isfile(full):
@@ -106,7 +107,7 @@ def read_data_list(path: str, data_root: str) -> list[Pair]:
             if not fields:
                 continue
             if len(fields) != 2:
-                raise ValueError(f"list {path}, line {n}: expected 'image_path label_path', "
+                raise DataError(f"list {path}, line {n}: expected 'image_path label_path', "
                                  f"got {line.strip()!r}")
             pairs.append(resolve(fields, f"line {n}"))
     return pairs
@@ -120,20 +121,20 @@ def read_sub_class_file_list(path: str, data_root: str) -> dict[int, list[Pair]]
     try:
         raw = ast.literal_eval(text)
     except (ValueError, SyntaxError) as e:
-        raise ValueError(f"sub-class file list {path} is not a Python dict literal: {e}") from None
+        raise DataError(f"sub-class file list {path} is not a Python dict literal: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"sub-class file list {path}: expected a dict, got {type(raw).__name__}")
+        raise DataError(f"sub-class file list {path}: expected a dict, got {type(raw).__name__}")
     resolve = _Resolver(data_root, f"sub-class file list {path}")
     out: dict[int, list[Pair]] = {}
     for c, entries in raw.items():
         if not isinstance(c, int) or not isinstance(entries, (list, tuple)):
-            raise ValueError(f"sub-class file list {path}: expected int class ids mapped to "
+            raise DataError(f"sub-class file list {path}: expected int class ids mapped to "
                              f"lists, got key {c!r} -> {type(entries).__name__}")
         out[c] = []
         for j, e in enumerate(entries):
             if not (isinstance(e, (list, tuple)) and len(e) == 2
                     and all(isinstance(p, str) for p in e)):
-                raise ValueError(f"sub-class file list {path}, class {c} entry {j}: expected "
+                raise DataError(f"sub-class file list {path}, class {c} entry {j}: expected "
                                  f"an (image_path, label_path) pair, got {e!r}")
             out[c].append(resolve(e, f"class {c} entry {j}"))
     return out

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import torch
 
+from util.errors import DataError
 from util.splits import IGNORE
 
 # ImageNet statistics on the 0..255 scale, for RGB images.
@@ -26,7 +27,7 @@ def resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
         new_h, new_w = int(h * (size * 1.0 / w)), size
     new_h, new_w = new_h // 8 * 8, new_w // 8 * 8
     if new_h == 0 or new_w == 0:
-        raise ValueError(f"an image of {h}x{w} pixels becomes empty when resized to {size}")
+        raise DataError(f"an image of {h}x{w} pixels becomes empty when resized to {size}")
     return new_h, new_w
 
 

@@ -1,0 +1,91 @@
+"""Project error classes, and the one place where entry scripts turn them into exits.
+
+Library code raises exceptions whose message names the thing that is wrong and what to do
+(DESIGN.md, section 7); only the entry scripts (meta_test.py, train.py, util/demo_data.py,
+util/report.py, util/get_mulway_base_data.py) end the process, through ``user_errors``: one
+line on stderr and a non-zero exit, the traceback only with ``--debug``. Exceptions that are
+not a user's mistake (a bug) keep their traceback.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+USAGE_EXIT = 2  # command-line and config mistakes, as argparse does
+INPUT_EXIT = 1  # data, checkpoint, episode file, output folder, device
+
+
+class ProjectError(Exception):
+    """A user's input is wrong; ``exit_code`` is what an entry script exits with."""
+
+    exit_code = INPUT_EXIT
+
+
+class UsageError(ProjectError, ValueError):
+    """A command-line or config value that cannot work."""
+
+    exit_code = USAGE_EXIT
+
+
+class DataError(ProjectError, ValueError):
+    """A data, list, label, image or episode file is missing, unreadable or inconsistent."""
+
+
+class OutputError(ProjectError):
+    """The output folder holds something the new run would contradict or destroy."""
+
+
+# OSError covers the file-system side of the user's inputs (missing files, permissions, a
+# full disk) and always names the path; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ProjectError, OSError)
+
+_WORKER_HEADER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_EXCEPTION_NAME = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
+def _worker_message(text: str) -> str:
+    """The original message inside the text of an exception re-raised from a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process as the same type whose message
+    is "Caught X in DataLoader worker process N" plus the worker's formatted traceback; the
+    message is what follows the last frame (its ``  File`` line and its indented code lines)."""
+    lines = text.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if not frames:
+        return text
+    rest = lines[frames[-1] + 1:]
+    while rest and rest[0].startswith("    "):
+        rest = rest[1:]
+    message = "\n".join(rest).strip()
+    return _EXCEPTION_NAME.sub("", message, count=1) or text
+
+
+def describe(err: BaseException) -> str:
+    """The user-facing message of an exception, the same whether it was raised in the main
+    process or in a DataLoader worker."""
+    text = str(err)
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename}"
+    if _WORKER_HEADER.match(text):
+        text = _worker_message(text)
+    return text.strip() or type(err).__name__
+
+
+def exit_code(err: BaseException) -> int:
+    return getattr(err, "exit_code", INPUT_EXIT)
+
+
+@contextmanager
+def user_errors(prog: str, debug: bool = False) -> Iterator[None]:
+    """Run an entry script's body: a user error ends the process with one message on stderr
+    and its exit code (2 for usage/config, 1 otherwise); ``debug`` re-raises it instead."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"{prog}: error: {describe(err)}", file=sys.stderr)
+        raise SystemExit(exit_code(err)) from None
+
