@@ -12,7 +12,7 @@ A prediction is computed in steps that EFTNet reuses separately:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from model.backbones import BACKBONES, Features
 from model.contract import check_forward_inputs
 from model.ops import gram_distance, gram_matrix, resize, weighted_gap
 from model.pspnet import base_learner, output_size
+from model.similarity import CacheBudget
 
 # Modules EFTNet fine-tunes, in the reference optimizer's group order (kshot_rw only for K > 1).
 ADAPTED_MODULES = ("down_query", "down_supp", "init_merge", "ASPP_meta", "res1_meta", "res2_meta",
@@ -177,6 +178,12 @@ class FewShotModel(nn.Module):
         """Statistics of each query against its K supports. ``masks`` [Bs,K,S,S] (1 = fg);
         ``support`` holds Bs*K images, Bs equal to the query batch or 1 (shared)."""
         raise NotImplementedError
+
+    def matcher(self, query: Features, support: Features,
+                budget: Optional[CacheBudget] = None) -> Callable[[Tensor], ShotStats]:
+        """``match`` for fixed images and masks that change from call to call (EFTNet's
+        rounds); a model may keep work between calls within ``budget`` (bytes)."""
+        return lambda masks: self.match(query, support, masks)
 
     def _est(self, query: Features, support: Features, bs: int) -> Tensor:
         support_gram = self.gram(support)

@@ -32,10 +32,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.base import FewShotModel, Guidance, Prediction, ShotStats
+from model.similarity import CacheBudget
 from model.contract import check_adapt_inputs
 
 IGNORE = 255
 IOU_EPS = 1e-10
+DEFAULT_CACHE_MB = 1024
+
+
+@dataclass
+class Round:
+    """One fine-tuning round: its q2s query prediction (weights before its step), the query's
+    q2s support mask and the round's s2q score."""
+
+    final: Tensor
+    meta: Tensor
+    q2s_mask: Tensor
+    score: float
 
 
 @dataclass
@@ -51,6 +64,7 @@ class AdaptResult:
     losses: list[float] = field(default_factory=list)
     pseudo_mask: Optional[Tensor] = None     # round 1's q2s support mask of the query
     stopped_early: bool = False              # a non-finite loss ended the rounds
+    rounds: list[Round] = field(default_factory=list)
 
 
 def round_learning_rate(base_lr: float, rounds: int, index: int, power: float) -> float:
@@ -102,6 +116,8 @@ class EFTNet:
         self.weights = tuple(float(w) for w in cfg.change_weighting)
         self.fraction = float(cfg.q2s_filt_para)
         self.query_mask_source = cfg.s2q_query_mask
+        # Bytes of similarity products kept across rounds (same outputs; past it, recomputed).
+        self.cache_bytes = int(float(getattr(cfg, "similarity_cache_mb", DEFAULT_CACHE_MB)) * 2**20)
         if self.rounds < 1:
             raise ValueError(f"ft_number must be >= 1 for EFTNet, got {self.rounds}")
         if self.query_mask_source not in ("pseudo", "ground_truth"):
@@ -153,10 +169,13 @@ class EFTNet:
             pairs = ShotStats.cat([model.match(supports[k:k + 1], supports, support_masks)
                                    for k in range(supports.batch)], dim=0)
             zero = model.decode(query, model.guide(real, model.embed(supports)[None]))
+        budget = CacheBudget(self.cache_bytes)
+        # Only the query's masks change between rounds: as a support of itself (q2s) and of each support (s2q).
+        q2s_match, s2q_match = model.matcher(query, query, budget), model.matcher(supports, query, budget)
         optimizer = torch.optim.SGD([{"params": g} for g in self.groups], lr=self.base_lr,
                                     momentum=self.momentum, weight_decay=self.weight_decay)
         previous, best, best_score, chosen = zero.final, zero, 0.0, 0
-        scores, losses, first_mask, stopped = [], [], None, False
+        scores, losses, rounds, first_mask, stopped = [], [], [], None, False
         for index in range(self.rounds):
             for group in optimizer.param_groups:
                 group["lr"] = round_learning_rate(self.base_lr, self.rounds, index, self.power)
@@ -165,12 +184,15 @@ class EFTNet:
             with torch.set_grad_enabled(steps):
                 support_embed, query_embed = model.embed(supports), model.embed(query)
                 with torch.no_grad():
-                    score = self._s2q_score(query, supports, support_masks, pairs, support_embed, query_embed,
-                                            query_mask if self.query_mask_source == "ground_truth" else label)
+                    with_query = s2q_match((query_mask if self.query_mask_source == "ground_truth" else label)[:, None])
+                    score = self._s2q_score(supports, support_masks, pairs, with_query, support_embed, query_embed)
                 mask = confident_foreground(previous, self.fraction)
-                prediction = self._q2s(query, supports, real, support_embed, query_embed, mask)
+                with torch.no_grad():
+                    same = q2s_match(mask[:, None])
+                prediction = self._q2s(query, real, same, support_embed, query_embed)
             first_mask = mask if first_mask is None else first_mask
             scores.append(score)
+            rounds.append(Round(prediction.final.detach(), prediction.meta.detach(), mask, score))
             if score >= best_score:
                 best, best_score, chosen = prediction, score, index + 1
             if steps:
@@ -185,26 +207,23 @@ class EFTNet:
                 optimizer.step()
             previous = prediction.final.detach()
         return AdaptResult(best.final.detach(), best.meta.detach(), best.base, zero, scores, chosen,
-                           losses, first_mask, stopped)
+                           losses, first_mask, stopped, rounds)
 
     # ---- the two branches ----------------------------------------------------------------
-    def _q2s(self, query, supports, real: ShotStats, support_embed: Tensor, query_embed: Tensor,
-             mask: Tensor) -> Prediction:
-        """Query prediction from the real supports blended with the query under its pseudo mask."""
+    def _q2s(self, query, real: ShotStats, same: ShotStats, support_embed: Tensor, query_embed: Tensor) -> Prediction:
+        """Query prediction from the real supports blended with the query under its pseudo mask
+        (``same``: the query's statistics against itself under that mask)."""
         model = self.model
-        with torch.no_grad():
-            same = model.match(query, query, mask[:, None])
         guidance = model.guide(real, support_embed[None]).blend(model.guide(same, query_embed[None]), self.weights)
         return model.decode(query, guidance)
 
-    def _s2q_score(self, query, supports, support_masks: Tensor, pairs: ShotStats, support_embed: Tensor,
-                   query_embed: Tensor, query_mask: Tensor) -> float:
-        """Mean IoU of re-segmenting each support k, with the query (under ``query_mask``) in
-        place of support k and support k itself (under its own mask) as the blended same-image
-        support. All K supports are segmented in one batch."""
+    def _s2q_score(self, supports, support_masks: Tensor, pairs: ShotStats, with_query: ShotStats,
+                   support_embed: Tensor, query_embed: Tensor) -> float:
+        """Mean IoU of re-segmenting each support k, with the query (``with_query``: each support
+        against the query under its mask) in place of support k and support k itself (under its
+        own mask) as the blended same-image support. All K supports are segmented in one batch."""
         model = self.model
         k = supports.batch
-        with_query = model.match(supports, query, query_mask[:, None])               # [K, 1]
         different = pairs.replace_diagonal(with_query)                               # [K, K]
         eye = torch.eye(k, dtype=torch.bool, device=support_embed.device).view(k, k, 1, 1, 1)
         different_embed = torch.where(eye, query_embed[None], support_embed[None].expand(k, -1, -1, -1, -1))
@@ -212,4 +231,3 @@ class EFTNet:
             model.guide(pairs.diagonal(), support_embed[:, None]), self.weights)
         prediction = model.decode(supports, guidance)
         return float(foreground_iou(prediction.final, support_masks[0]).mean())
-

@@ -1,13 +1,17 @@
 """MSANet (BAM + multi-similarity correlation + guided attention), eval-mode forward as released."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import similarity
 from model.backbones import Features
 from model.base import FewShotModel, Guidance, ShotStats
 from model.ops import chained_masks, cosine_prior, masked_correlation, resize, unit_vectors
+from model.similarity import CacheBudget, SimilarityColumns
 
 # Correlation maps per level (l2, l3, l4), counted from the end of the tap list; the
 # ResNet layer1 tap is never used by any output, so it is not correlated at all.
@@ -44,27 +48,53 @@ class MSANet(FewShotModel):
         self.hyper_final = nn.Sequential(nn.Conv2d(sum(self.levels), HYPER_CHANNELS, 1, padding="same"),
                                          nn.BatchNorm2d(HYPER_CHANNELS), nn.ReLU(inplace=True))
 
-    def match(self, query: Features, support: Features, masks: Tensor) -> ShotStats:
+    def match(self, query: Features, support: Features, masks: Tensor,
+              tables: Optional["SimilarityTables"] = None) -> ShotStats:
+        """``tables`` (from ``matcher``) replace the prior's and correlations' products."""
         bs, k = masks.shape[:2]
         full = (masks == 1).float().flatten(0, 1).unsqueeze(1)                     # [Bs*K, 1, S, S]
         size = support.layer3.shape[-2:]
-        prior = cosine_prior(query.layer4, support.layer4, full.view(bs, k, *full.shape[1:]), query.layer3.shape[-2:],
-                             self.cached(query, "l4_norm", lambda f: f.layer4.flatten(2).norm(2, 1, True)))
+        if tables is None:
+            prior = cosine_prior(query.layer4, support.layer4, full.view(bs, k, *full.shape[1:]),
+                                 query.layer3.shape[-2:], self._l4_norm(query))
+        else:
+            prior = tables.prior(full, query.layer3.shape[-2:])
         batch = prior.shape[0]
 
         def per_shot(t: Tensor) -> Tensor:
             return t.reshape(bs, k, *t.shape[1:]).expand(batch, -1, *t.shape[1:])
 
-        chain = chained_masks(full, [t.shape[-2:] for t in support.taps])
-        first = len(support.taps) - sum(self.levels)
-        units = self.cached(query, "tap_units", lambda f: [unit_vectors(t) for t in f.taps[first:]])
-        maps = [masked_correlation(unit, support.taps[first + i], chain[first + i], bs)
-                for i, unit in enumerate(units)]
+        chain = chained_masks(full, [t.shape[-2:] for t in support.taps])[self._first_tap(support):]
+        if tables is None:
+            maps = [masked_correlation(unit, tap, mask, bs)
+                    for unit, tap, mask in zip(self._tap_units(query), self._correlated_taps(support), chain)]
+        else:
+            maps = tables.correlations(chain)
         n2, n3, _ = self.levels
         return ShotStats(est=self._est(query, support, bs).expand(batch, -1), prior=prior,
                          mask_proto=per_shot(resize(full, size)), mask_gam=per_shot(resize(full, size, "nearest")),
                          corr_l2=torch.cat(maps[:n2], 2), corr_l3=torch.cat(maps[n2:n2 + n3], 2),
                          corr_l4=torch.cat(maps[n2 + n3:], 2))
+
+    def matcher(self, query: Features, support: Features, budget: Optional[CacheBudget] = None):
+        """``match`` for fixed images and changing masks; with one support image and a budget,
+        similarity products are kept between calls (same statistics, far less work)."""
+        if budget is None or support.batch != 1:
+            return super().matcher(query, support, budget)
+        tables = SimilarityTables(self, query, support, budget)
+        return lambda masks: self.match(query, support, masks, tables)
+
+    def _first_tap(self, feats: Features) -> int:
+        return len(feats.taps) - sum(self.levels)
+
+    def _correlated_taps(self, feats: Features) -> list[Tensor]:
+        return feats.taps[self._first_tap(feats):]
+
+    def _tap_units(self, feats: Features) -> list[Tensor]:
+        return self.cached(feats, "tap_units", lambda f: [unit_vectors(t) for t in self._correlated_taps(f)])
+
+    def _l4_norm(self, feats: Features) -> Tensor:
+        return self.cached(feats, "l4_norm", lambda f: f.layer4.flatten(2).norm(2, 1, True))
 
     def guide(self, stats: ShotStats, embeddings: Tensor) -> Guidance:
         prototype, prior, est = self._prototype_prior_est(stats, embeddings)
@@ -84,3 +114,25 @@ class MSANet(FewShotModel):
 
     def merge_inputs(self, guidance: Guidance) -> list[Tensor]:
         return [guidance.hyper, guidance.prior, guidance.gam]
+
+
+class SimilarityTables:
+    """The products behind MSANet's prior and correlations between fixed ``rows`` images and
+    one fixed support image, kept across masks (see model/similarity.py)."""
+
+    def __init__(self, model: MSANet, rows: Features, support: Features, budget: CacheBudget):
+        columns = [tap[0].flatten(1) for tap in model._correlated_taps(support)]          # [C, P] each
+        self.taps = [SimilarityColumns(unit, col, budget, F.relu) for unit, col in zip(model._tap_units(rows), columns)]
+        self.tap_norms = [col.norm(dim=0) for col in columns]
+        self.tap_sizes = [tap.shape[-2:] for tap in model._correlated_taps(support)]
+        l4 = support.layer4[0].flatten(1)
+        self.l4 = SimilarityColumns(rows.layer4.flatten(2), l4, budget)
+        self.l4_norms = (model._l4_norm(rows)[:, 0], l4.norm(dim=0))
+        self.l4_size = support.layer4.shape[-2:]
+
+    def prior(self, mask: Tensor, out_size: torch.Size) -> Tensor:
+        return similarity.prior(self.l4, *self.l4_norms, mask, self.l4_size, out_size)
+
+    def correlations(self, chain: list[Tensor]) -> list[Tensor]:
+        return [similarity.correlation(table, size, norm, mask)
+                for table, size, norm, mask in zip(self.taps, self.tap_sizes, self.tap_norms, chain)]

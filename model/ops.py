@@ -84,11 +84,17 @@ def cosine_prior(query_l4: Tensor, support_l4: Tensor, masks: Tensor, out_size: 
     sim = num / den
     valid = torch.arange(sim.shape[-2], device=sim.device)[None] < count[:, None]   # [Bs*K, n]
     sim = sim.masked_fill(~_shots(valid, bs)[..., None], float("-inf")).amax(-2)    # [B, K, Q]
-    has_zero = _shots((m == 0).any(1), bs)[..., None]
-    sim = torch.where(has_zero, sim.clamp(min=0), sim)
+    return normalised_prior(sim, _shots((m == 0).any(1), bs), query_l4.shape[-2:], out_size)
+
+
+def normalised_prior(sim: Tensor, has_zero: Tensor, size: torch.Size, out_size: torch.Size) -> Tensor:
+    """Prior from the best masked-support cosine per query position ``sim`` [B,K,h*w]:
+    floored at the zero vectors' cosine 0 where a mask has zeros (``has_zero`` [B,K]),
+    min-max normalised per map, resized to ``out_size`` -> [B,K,1,*out_size]."""
+    sim = torch.where(has_zero[..., None], sim.clamp(min=0), sim)
     lo, hi = sim.amin(-1, keepdim=True), sim.amax(-1, keepdim=True)
     sim = (sim - lo) / (hi - lo + COSINE_EPS)
-    prior = sim.reshape(-1, 1, *query_l4.shape[-2:])
+    prior = sim.reshape(-1, 1, *size)
     return resize(prior, out_size).reshape(sim.shape[0], sim.shape[1], 1, *out_size)
 
 
@@ -114,6 +120,14 @@ def unit_vectors(tap: Tensor) -> Tensor:
     return flat / (flat.norm(dim=1, keepdim=True) + CORRELATION_EPS)
 
 
+def correlation_positions(m: Tensor) -> Tensor:
+    """Support positions a correlation averages over: mask values [N,P] that are positive and
+    at least the mean positive value."""
+    positive = m > 0
+    mean_positive = (m * positive).sum(1, keepdim=True) / positive.sum(1, keepdim=True).clamp(min=1)
+    return positive & (m >= mean_positive)
+
+
 def masked_correlation(query_unit: Tensor, support_tap: Tensor, mask: Tensor, bs: int) -> Tensor:
     """Mean over selected support vectors of the clamped cosine to each query position.
 
@@ -123,9 +137,7 @@ def masked_correlation(query_unit: Tensor, support_tap: Tensor, mask: Tensor, bs
     gives a zero map. Returns [Bq, K, 1, h, w].
     """
     m = mask.flatten(1)
-    positive = m > 0
-    mean_positive = (m * positive).sum(1, keepdim=True) / positive.sum(1, keepdim=True).clamp(min=1)
-    keep = positive & (m >= mean_positive)
+    keep = correlation_positions(m)
     kept, count = gather_positions(support_tap.flatten(2) * m[:, None], keep)
     kept = kept / (kept.norm(dim=1, keepdim=True) + CORRELATION_EPS)
     corr = (query_unit.transpose(1, 2)[:, None] @ _shots(kept, bs)).clamp(min=0)     # [B, K, Q, n]

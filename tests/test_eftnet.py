@@ -120,21 +120,6 @@ def steps():
     handle.remove()
 
 
-def record_q2s(monkeypatch) -> list:
-    """Patch EFTNet._q2s to keep every round's q2s prediction (and its pseudo mask)."""
-    outputs = []
-    original = EFTNet._q2s
-
-    def spy(self, query, supports, real, support_embed, query_embed, mask):
-        prediction = original(self, query, supports, real, support_embed, query_embed, mask)
-        outputs.append(SimpleNamespace(final=prediction.final.detach().clone(),
-                                       meta=prediction.meta.detach().clone(), mask=mask.clone()))
-        return prediction
-
-    monkeypatch.setattr(EFTNet, "_q2s", spy)
-    return outputs
-
-
 def script_scores(monkeypatch, scores: list[float]) -> None:
     script = iter(scores)
     monkeypatch.setattr(EFTNet, "_s2q_score", lambda self, *args: next(script))
@@ -382,9 +367,10 @@ def test_foreground_iou_counts_255_as_background():
                                             ([0.1, 0.2, 0.3, 0.4, 0.4], 5)])
 def test_chosen_round_is_the_best_score_with_ties_to_the_later_round(msanet1, ep1, monkeypatch, scores, chosen):
     script_scores(monkeypatch, scores)
-    predictions = record_q2s(monkeypatch)
     res = run(EFTNet(msanet1, make_cfg(ft_base_lr=0.005)), ep1)
+    predictions = res.rounds
     assert res.round_scores == scores and res.chosen_round == chosen
+    assert [r.score for r in predictions] == scores
     assert len(predictions) == 5
     best = predictions[chosen - 1]
     assert torch.equal(res.final, best.final) and torch.equal(res.meta, best.meta)
@@ -395,8 +381,8 @@ def test_chosen_round_is_the_best_score_with_ties_to_the_later_round(msanet1, ep
 
 def test_round_one_is_accepted_with_score_zero(msanet1, ep1, monkeypatch):
     script_scores(monkeypatch, [0.0])
-    predictions = record_q2s(monkeypatch)
     res = run(EFTNet(msanet1, make_cfg(ft_number=1)), ep1)
+    predictions = res.rounds
     assert res.chosen_round == 1 and res.round_scores == [0.0]
     assert torch.equal(res.final, predictions[0].final)
     assert not torch.allclose(res.final, res.zero_round.final)   # the zero round is never the answer
@@ -434,8 +420,8 @@ def test_first_two_rounds_equal_a_direct_computation(shot, msanet1, msanet2, ep1
     """Round 1 (weights as given) and round 2 (after one SGD step on round 1's loss against the
     zero round's padded argmax) rebuilt from fresh features, without the engine's caches."""
     model, episode = (msanet1, ep1) if shot == 1 else (msanet2, ep2)
-    predictions = record_q2s(monkeypatch)
     res = run(EFTNet(model, make_cfg(ft_number=2, ft_base_lr=0.005, sr_aux_weight1=0.4)), episode)
+    predictions = res.rounds
 
     ref = copy.deepcopy(model)
     for p in ref.parameters():
@@ -458,7 +444,7 @@ def test_first_two_rounds_equal_a_direct_computation(shot, msanet1, msanet2, ep1
         second, _ = direct_q2s(ref, episode, first.final)
         second_score = direct_s2q(ref, episode, padded_argmax(first.final, episode.padding))
 
-    assert torch.equal(res.pseudo_mask, mask) and torch.equal(predictions[0].mask, mask)
+    assert torch.equal(res.pseudo_mask, mask) and torch.equal(predictions[0].q2s_mask, mask)
     assert torch.allclose(predictions[0].final, first.final, atol=1e-6)
     assert torch.allclose(predictions[0].meta, first.meta, atol=1e-5)
     assert res.losses == [pytest.approx(loss.item(), rel=1e-5)]
@@ -466,6 +452,25 @@ def test_first_two_rounds_equal_a_direct_computation(shot, msanet1, msanet2, ep1
     assert torch.allclose(predictions[1].meta, second.meta, atol=1e-4)
     assert res.round_scores == [pytest.approx(first_score, abs=1e-6), pytest.approx(second_score, abs=1e-6)]
     assert not torch.allclose(first.final, second.final, atol=1e-4)   # the step changed something
+
+
+@pytest.mark.parametrize("shot", [1, 2])
+@pytest.mark.parametrize("mode", ["pseudo", "ground_truth"])
+def test_kept_similarity_products_change_no_output(shot, mode, msanet1, msanet2, ep1, ep2):
+    """Rounds with every similarity product kept, with a budget that fills up after a few
+    columns, and with none kept (the direct path) give the same rounds."""
+    model, episode = (msanet1, ep1) if shot == 1 else (msanet2, ep2)
+    results = [run(EFTNet(model, make_cfg(s2q_query_mask=mode, similarity_cache_mb=mb)), episode,
+                   query_mask=episode.query_mask) for mb in (0, 0.05, 1024)]
+    direct = results[0]
+    assert len({r.chosen_round for r in results}) == 1
+    for res in results[1:]:
+        assert res.round_scores == pytest.approx(direct.round_scores, abs=1e-6)
+        assert res.losses == pytest.approx(direct.losses, rel=1e-5)
+        for a, b in zip(res.rounds, direct.rounds):
+            assert torch.equal(a.q2s_mask, b.q2s_mask)
+            assert torch.allclose(a.final, b.final, atol=1e-5) and torch.allclose(a.meta, b.meta, atol=1e-5)
+        assert torch.allclose(res.final, direct.final, atol=1e-5)
 
 
 # ---- 7. the query label is read only when asked for ------------------------------------------------
@@ -506,10 +511,10 @@ def test_non_finite_loss_stops_with_the_best_round_so_far(msanet1, ep1, monkeypa
         return loss * float("nan") if len(calls) > 2 * (nan_from_round - 1) else loss
     monkeypatch.setattr(eftnet.F, "cross_entropy", nan_later)
     script_scores(monkeypatch, scores + [1.0, 1.0, 1.0])
-    predictions = record_q2s(monkeypatch)
     before = snapshot(msanet1)
 
     res = run(EFTNet(msanet1, make_cfg(ft_base_lr=0.005)), ep1)
+    predictions = res.rounds
     assert res.stopped_early
     assert res.round_scores == scores and len(predictions) == nan_from_round
     assert len(res.losses) == nan_from_round and math.isnan(res.losses[-1])
