@@ -34,7 +34,7 @@ from util import distributed
 from util.checkpoint import checkpoint_path, file_sha256, load_weights
 from util.config import backbone_name, config_summary, config_warnings, load_config, repo_path
 from util.dataset import EpisodeDataset, build_episode_dataset, episode_file_path
-from util.demo_data import ensure_demo
+from util.demo_data import ensure_demo_present
 from util.episodes import Episode, load_episodes, save_episodes
 from util.errors import OutputError, user_errors
 from util.evaluation import (RecordFile, Scores, episode_record, evaluation_seeds, format_table, per_round_mean,
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
         log.warning(warning)
     if cfg.data_set == "demo":  # the built-in benchmark is generated on first use
         if ctx.main:
-            ensure_demo(repo_path(cfg.data_root))
+            ensure_demo_present(repo_path(cfg.data_root))
         ctx.barrier()
     evaluator = Evaluator(cfg, ctx, checkpoint)
     seeds = evaluation_seeds(cfg.manual_seed, cfg.num_seeds)

@@ -46,7 +46,7 @@ from util.checkpoint import CheckpointError, checkpoint_path, load_imagenet_back
 from util.config import (MIN_VAL_SIZE, ConfigError, backbone_name, config_summary, config_warnings, load_config,
                          repo_path)
 from util.dataset import build_episode_dataset, read_image
-from util.demo_data import ensure_demo
+from util.demo_data import ensure_demo_present
 from util.distributed import choose_device
 from util.errors import DataError, UsageError, user_errors
 from util.evaluation import Scores, episode_record
@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> dict:
     device = choose_device(cfg.device)
     data_root = repo_path(cfg.data_root)
     if cfg.data_set == "demo":  # the built-in benchmark is generated on first use
-        ensure_demo(data_root)
+        ensure_demo_present(data_root)
     fss = repo_path(cfg.lists_root) / cfg.data_set / "fss_list" / "train"
     data_list = read_data_list(str(fss / f"data_list_{cfg.split}.txt"), str(data_root))
     sub_lists = read_sub_class_file_list(str(fss / f"sub_class_file_list_{cfg.split}.txt"), str(data_root))

@@ -130,6 +130,19 @@ def test_ensure_demo_keeps_complete_and_regenerates_incomplete(tmp_path, monkeyp
     assert image.read_bytes() != original
 
 
+def test_entry_scripts_keep_a_demo_of_other_settings(tmp_path, monkeypatch):
+    """meta_test.py/train.py keep a complete benchmark the user generated with other settings,
+    and generate the default one only where none is complete."""
+    root = demo.generate_demo(tmp_path / "small", seed=3, num_train=4, num_val=4, size=64)
+    before = (root / "JPEGImages/val_00001.jpg").read_bytes()
+    calls = []
+    monkeypatch.setattr(demo, "ensure_demo", lambda r: calls.append(r) or r)
+    assert demo.ensure_demo_present(root) == root and calls == []
+    assert (root / "JPEGImages/val_00001.jpg").read_bytes() == before
+    demo.ensure_demo_present(tmp_path / "none")
+    assert calls == [tmp_path / "none"]
+
+
 def test_bad_arguments_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="num_train"):
         demo.generate_demo(tmp_path, num_train=0)

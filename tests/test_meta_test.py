@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def setup(tmp_path_factory):
     """A tiny demo benchmark, a config for it and a random-weight checkpoint."""
     root = tmp_path_factory.mktemp("meta_test")
-    generate_demo(root / "demo", seed=0, num_train=8, num_val=40, size=96)
+    generate_demo(root / "demo", seed=0, num_train=8, num_val=60, size=128)
     config = {"Data": {"data_set": "demo", "split": 0, "data_root": str(root / "demo"),
                        "lists_root": str(root / "demo" / "lists"), "val_size": 97},
               "Method": {"backbone": "mobilenetv2", "reduce_dim": 32, "base_width": 32},

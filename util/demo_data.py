@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from util.errors import UsageError, user_errors
 from util.lists import build_fss_lists, write_fss_lists
 from util.splits import base_classes, novel_classes
 
@@ -253,9 +254,9 @@ def generate_demo(root: str | Path, seed: int = 0, num_train: int = NUM_TRAIN,
     The manifest is removed first and written last, so an interrupted run is detectable.
     """
     if num_train < 1 or num_val < 1:
-        raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
+        raise UsageError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
     if size < 64:
-        raise ValueError(f"size must be >= 64 pixels, got {size}")
+        raise UsageError(f"size must be >= 64 pixels, got {size}")
     root = Path(root).resolve()  # list paths are written relative to it
     (root / MANIFEST).unlink(missing_ok=True)
     list_dir = root / "lists" / "demo"
@@ -303,6 +304,21 @@ def ensure_demo(root: str | Path, seed: int = 0, num_train: int = NUM_TRAIN,
     return generate_demo(root, seed, num_train, num_val, size)
 
 
+def ensure_demo_present(root: str | Path) -> Path:
+    """What meta_test.py and train.py call: keep a complete benchmark of any settings under root
+    (one generated on purpose with other counts, sizes or seed is the user's, not to be
+    replaced), else generate the default one."""
+    root = Path(root)
+    try:
+        found = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        found = None
+    if isinstance(found, dict) and found.get("format_version") == FORMAT_VERSION and all(
+            (root / "lists" / "demo" / f"{s}.txt").is_file() for s in SPLIT_IDS):
+        return root
+    return ensure_demo(root)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic demo FSS benchmark.")
     parser.add_argument("--root", default="data/demo", help="output folder (PASCAL layout)")
@@ -311,9 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-val", type=int, default=NUM_VAL)
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="mean image side")
     parser.add_argument("--force", action="store_true", help="regenerate even if complete")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
     make = generate_demo if args.force else ensure_demo
-    make(args.root, args.seed, args.num_train, args.num_val, args.size)
+    with user_errors("util/demo_data.py", args.debug):
+        make(args.root, args.seed, args.num_train, args.num_val, args.size)
 
 
 if __name__ == "__main__":

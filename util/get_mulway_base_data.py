@@ -17,6 +17,7 @@ import os
 import cv2
 import numpy as np
 
+from util.errors import user_errors
 from util.lists import Pair, read_data_list, read_label
 from util.splits import base_label_lut
 
@@ -40,9 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--use-split-coco", action="store_true",
                         help="COCO interleaved split (used by all released COCO models)")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
-    lut = base_label_lut(args.data_set, args.split, args.use_split_coco)
-    count = write_base_annotations(read_data_list(args.list, args.data_root), args.out, lut)
+    with user_errors("util/get_mulway_base_data.py", args.debug):
+        lut = base_label_lut(args.data_set, args.split, args.use_split_coco)
+        count = write_base_annotations(read_data_list(args.list, args.data_root), args.out, lut)
     print(f"wrote {count} base annotations to {args.out}")
 
 

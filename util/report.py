@@ -8,6 +8,10 @@ import argparse
 import json
 from pathlib import Path
 
+from util.errors import DataError, user_errors
+
+REQUIRED = ("split", "zero")  # keys every results.json of meta_test.py holds
+
 
 def fold_table(results: list[dict]) -> str:
     """Per fold: mean over seeds of class mIoU and FB-IoU, base model vs EFTNet; then the mean."""
@@ -27,7 +31,25 @@ def fold_table(results: list[dict]) -> str:
     notes = {f"EFTNet s2q query mask: {r['s2q_query_mask']}" for r in results if with_eftnet}
     if any(r.get("uses_query_labels") for r in results):
         notes.add("round selection read the query ground-truth labels (reference behaviour)")
-    return "\n".join(rows + sorted(notes))
+    # A fold's warnings travel with its numbers: the summary is never read without them.
+    warnings = [f"WARNING (fold {r['split']}): {w}" for r in results for w in r.get("warnings", [])]
+    return "\n".join(rows + sorted(notes) + list(dict.fromkeys(warnings)))
+
+
+def read_results(path: str | Path) -> dict:
+    """One fold's results.json, checked to be meta_test.py's (DataError naming the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path} (did meta_test.py finish for that fold?)")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text (JSON) file") from None
+    if not isinstance(results, dict) or any(k not in results for k in REQUIRED):
+        raise DataError(f"{path} is not a results.json written by meta_test.py")
+    return results
 
 
 def _row(name: str, v: list[float], with_eftnet: bool) -> str:
@@ -40,8 +62,10 @@ def _row(name: str, v: list[float], with_eftnet: bool) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results.json files, one per fold")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
-    table = fold_table([json.loads(Path(p).read_text()) for p in args.results])
+    with user_errors("util/report.py", args.debug):
+        table = fold_table([read_results(p) for p in args.results])
     print(table)
     return table
 
