@@ -29,7 +29,8 @@ for split in $splits; do
   out=${EXP:-exp}/$dataset/${backbone}_${shot}shot/$tag/split$split
   mkdir -p "$out"
   echo "== $config -> $out"
-  "$python" meta_test.py --config "$config" --exp-dir "$out" --opts shot "$shot" "${opts[@]}" 2>&1 | tee "$out/meta_test.log"
+  # -a: a failed run must not cost the log of an earlier one
+  "$python" meta_test.py --config "$config" --exp-dir "$out" --opts shot "$shot" "${opts[@]}" 2>&1 | tee -a "$out/meta_test.log"
   results+=("$out/results.json")
 done
 echo

@@ -30,3 +30,14 @@ def test_meta_test_sh_on_two_demo_folds(tmp_path):
     assert "mIoU EFTNet" in summary and summary.count("\n") >= 5
     assert "mean |" in done.stdout
     assert (demo / "demo_manifest.json").exists()  # generated on first use
+
+
+def test_meta_test_sh_bad_input_is_one_message(tmp_path):
+    env = {**os.environ, "OPTS": "shto 2", "EXP": str(tmp_path / "exp"), "TAG": "bad"}
+    done = subprocess.run(["bash", "meta_test.sh", "demo", "mobilenetv2", "1", "0"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "Traceback" not in output
+    assert "meta_test.py: error: unknown config key 'shto' in --opts; did you mean" in output
+    assert not (tmp_path / "exp" / "demo" / "mobilenetv2_1shot" / "bad" / "summary.txt").exists()
