@@ -1,60 +1,107 @@
 """EFTNet episode time and memory against a plain base-model forward, same process, random weights.
 
-    python benchmarks/bench_eftnet.py [--size 201] [--shots 1 5] [--backbone resnet50] [--device cpu]
+    python -m benchmarks.bench_eftnet [--sizes 201 473 641] [--backbones resnet50 vgg] [--shots 1 5]
+                                      [--archs MSANet BAM] [--device cpu|cuda] [--direct]
 
-Prints, per shot: base forward seconds, EFTNet episode seconds, their ratio, and peak memory
-(process peak RSS on CPU, which only grows: the EFTNet figure includes the base run; peak
-allocated memory on CUDA, reset before each measurement). The reference code measures about
-16.4x (1-shot) and 36.5x (5-shot) for this ratio with R50.
+One line per setting, each measured in a fresh process (so that the CPU's peak RSS belongs to
+that setting): the plain forward (the base model's prediction), the EFTNet episode (5 rounds),
+their ratio, and peak memory (process peak RSS on CPU, which includes the plain forward's;
+``torch.cuda.max_memory_allocated`` on CUDA, reset before each part). ``--direct`` adds the
+episode without kept similarity products (``similarity_cache_mb 0``, the previous path). The
+random model is biased to predict about 30 % of the query as foreground, like a trained model
+on an object. The reference code measures about 16.4x (1-shot) and 36.5x (5-shot) for this
+ratio with R50 at 201 px.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import subprocess
+import sys
 import types
 
 import torch
 
-from benchmarks.common import peak_memory_mb, random_episode, reset_peak, timed
-from model import MSANet
+from benchmarks.common import peak_memory_mb, predict_foreground, random_episode, reset_peak, timed
+from model import BAM, MSANet
 from model.eftnet import EFTNet
+
+HEADER = (f"{'arch':>6} {'backbone':>9} {'px':>4} {'shot':>4} {'base s':>7} {'EFTNet s':>8} {'ratio':>6} "
+          f"{'base MB':>8} {'EFTNet MB':>9} {'extra MB':>8}")
+
+
+def engine_settings(cache_mb: float, mode: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(ft_number=5, ft_base_lr=0.005, ft_power=0.9, momentum=0.9, weight_decay=1e-4,
+                                 sr_aux_weight1=0.9, change_weighting=[0.8, 0.2], q2s_filt_para=0.2,
+                                 s2q_query_mask=mode, similarity_cache_mb=cache_mb)
+
+
+def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device, repeats: int,
+            cache_mb: float, mode: str, direct: bool) -> dict:
+    """Times and peaks of one setting, in this process."""
+    torch.manual_seed(0)
+    model = (MSANet if arch == "MSANet" else BAM)(backbone, shot, 15).to(device).eval()
+    ep = random_episode(size, shot, device)
+    predict_foreground(model, ep)
+    query_mask = ep["support_masks"][:, 0]
+
+    def base() -> None:
+        with torch.no_grad():
+            model(ep["query_img"], ep["support_imgs"], ep["support_masks"])
+
+    def episode(mb: float):
+        engine = EFTNet(model, engine_settings(mb, mode))
+        return lambda: engine.adapt(ep["query_img"], ep["support_imgs"], ep["support_masks"], ep["padding"],
+                                    query_mask)
+
+    reset_peak(device)
+    out = {"base_s": timed(base, device, repeats), "base_mb": peak_memory_mb(device)}
+    reset_peak(device)
+    out["eft_s"] = timed(episode(cache_mb), device, repeats)
+    out["eft_mb"] = peak_memory_mb(device)
+    if direct:
+        out["direct_s"] = timed(episode(0), device, repeats)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=201)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[201, 473])
+    parser.add_argument("--backbones", nargs="+", default=["resnet50"])
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--archs", nargs="+", default=["MSANet"], choices=["MSANet", "BAM"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up (median)")
+    parser.add_argument("--cache-mb", type=float, default=1024, help="similarity_cache_mb of the engine")
     parser.add_argument("--mode", default="pseudo", choices=["pseudo", "ground_truth"])
+    parser.add_argument("--direct", action="store_true", help="also time the episode with similarity_cache_mb 0")
+    parser.add_argument("--one", nargs=4, metavar=("ARCH", "BACKBONE", "SIZE", "SHOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    print(f"device {device}, {args.backbone}, {args.size} px, threads {torch.get_num_threads()}, s2q query mask {args.mode}")
-    print(f"{'shot':>4} {'base s':>8} {'EFTNet s':>9} {'ratio':>6} {'base peak MB':>13} {'EFTNet peak MB':>15}")
-    for shot in args.shots:
-        model = MSANet(args.backbone, shot, 15).to(device).eval()
-        cfg = types.SimpleNamespace(ft_number=5, ft_base_lr=0.005, ft_power=0.9, momentum=0.9, weight_decay=1e-4,
-                                    sr_aux_weight1=0.9, change_weighting=[0.8, 0.2], q2s_filt_para=0.2,
-                                    s2q_query_mask=args.mode)
-        engine = EFTNet(model, cfg)
-        ep = random_episode(args.size, shot, device)
-        query_mask = ep["support_masks"][:, 0] if args.mode == "ground_truth" else None
-
-        def base() -> None:
-            with torch.no_grad():
-                model(ep["query_img"], ep["support_imgs"], ep["support_masks"])
-
-        def eft() -> None:
-            engine.adapt(ep["query_img"], ep["support_imgs"], ep["support_masks"], ep["padding"], query_mask)
-
-        reset_peak(device)
-        base_s = timed(base, device, args.repeats)
-        base_mb = peak_memory_mb(device)
-        reset_peak(device)
-        eft_s = timed(eft, device, args.repeats)
-        eft_mb = peak_memory_mb(device)
-        print(f"{shot:>4} {base_s:8.3f} {eft_s:9.3f} {eft_s / base_s:6.2f} {base_mb:13.0f} {eft_mb:15.0f}")
+    if args.one:
+        arch, backbone, size, shot = args.one
+        print(json.dumps(measure(arch, backbone, int(size), int(shot), device, args.repeats, args.cache_mb,
+                                 args.mode, args.direct)))
+        return
+    print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+          f"threads {torch.get_num_threads()}, s2q query mask {args.mode}, similarity_cache_mb {args.cache_mb:g}")
+    print(HEADER + (f" {'direct s':>8} {'ratio':>6}" if args.direct else ""), flush=True)
+    common = ["--device", args.device, "--repeats", str(args.repeats), "--cache-mb", str(args.cache_mb),
+              "--mode", args.mode] + (["--direct"] if args.direct else [])
+    for arch, backbone, size, shot in itertools.product(args.archs, args.backbones, args.sizes, args.shots):
+        child = subprocess.run([sys.executable, "-m", "benchmarks.bench_eftnet", "--one", arch, backbone,
+                                str(size), str(shot), *common], capture_output=True, text=True)
+        if child.returncode != 0:
+            print(f"{arch:>6} {backbone:>9} {size:>4} {shot:>4} failed: {child.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(child.stdout.strip().splitlines()[-1])
+        line = (f"{arch:>6} {backbone:>9} {size:>4} {shot:>4} {r['base_s']:7.2f} {r['eft_s']:8.2f} "
+                f"{r['eft_s'] / r['base_s']:6.2f} {r['base_mb']:8.0f} {r['eft_mb']:9.0f} "
+                f"{r['eft_mb'] - r['base_mb']:8.0f}")
+        if args.direct:
+            line += f" {r['direct_s']:8.2f} {r['direct_s'] / r['base_s']:6.2f}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,18 @@ def random_episode(size: int, shot: int, device: torch.device, seed: int = 0) ->
             "support_masks": masks.to(device), "padding": padding.to(device)}
 
 
+@torch.no_grad()
+def predict_foreground(model: torch.nn.Module, episode: dict, fraction: float = 0.3) -> None:
+    """Make a random-weight model predict about ``fraction`` of the query as foreground, as a
+    trained model does on an object (random heads give nearly constant logits, so masks
+    would cover all or nothing): spread the meta logits and centre them at that quantile."""
+    head = model.cls_meta[3]
+    head.weight.mul_(30.0)
+    head.bias.zero_()
+    meta = model(episode["query_img"], episode["support_imgs"], episode["support_masks"]).meta
+    head.bias.copy_(torch.tensor([0.0, -float((meta[:, 1] - meta[:, 0]).quantile(1 - fraction))]))
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
     def sync() -> None:

@@ -122,7 +122,7 @@ class SimilarityTables:
 
     def __init__(self, model: MSANet, rows: Features, support: Features, budget: CacheBudget):
         columns = [tap[0].flatten(1) for tap in model._correlated_taps(support)]          # [C, P] each
-        self.taps = [SimilarityColumns(unit, col, budget, F.relu) for unit, col in zip(model._tap_units(rows), columns)]
+        self.taps = [SimilarityColumns(unit, col, budget, torch.relu_) for unit, col in zip(model._tap_units(rows), columns)]
         self.tap_norms = [col.norm(dim=0) for col in columns]
         self.tap_sizes = [tap.shape[-2:] for tap in model._correlated_taps(support)]
         l4 = support.layer4[0].flatten(1)

@@ -45,7 +45,8 @@ class _Block:
 
 class SimilarityColumns:
     """``transform(rows^T columns)`` for fixed ``rows`` [R,C,Q] and ``columns`` [C,P], filled in
-    column by column as masks ask for positions, and kept while the budget allows."""
+    column by column as masks ask for positions, and kept while the budget allows
+    (``transform`` may work in place)."""
 
     def __init__(self, rows: Tensor, columns: Tensor, budget: CacheBudget,
                  transform: Optional[Callable[[Tensor], Tensor]] = None):

@@ -26,11 +26,14 @@ class Context:
 
 
 def choose_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks this rank's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    """``auto`` and ``cuda`` pick this rank's GPU (ranks share GPUs round-robin when there are
+    more ranks than GPUs); ``auto`` falls back to the CPU without CUDA."""
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available (use --opts device cpu)")
+    if name in ("auto", "cuda"):
+        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
@@ -45,9 +48,12 @@ def setup(device_name: str) -> Context:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_name, local_rank)
     if world > 1 and not dist.is_initialized():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # NCCL needs one GPU per rank; ranks that share a GPU reduce their counts through gloo.
+        nccl = device.type == "cuda" and torch.cuda.device_count() >= local_world
+        dist.init_process_group("nccl" if nccl else "gloo")
     return Context(rank, world, device)
 
 
