@@ -4,8 +4,9 @@ MSANet's correlation is a masked mean, and the prior a masked maximum, over the 
 positions of a similarity between frozen features. During EFTNet's rounds the images stay the
 same and only the masks change, so each product ``row vector . support position`` is worth
 computing once: a :class:`SimilarityColumns` computes the columns (support positions) a mask
-first asks for and keeps them, within a byte budget shared by all tables of an episode; past
-the budget, new columns are computed for that call only (the direct path's cost).
+first asks for, in blocks of bounded size, and keeps them within a byte budget shared by all
+tables of an episode; past the budget, new columns are computed for that call only (the
+direct path's cost).
 
 The reformulation is exact up to float rounding. For a support vector ``v`` under mask value
 ``m > 0``, the reference normalises ``m v`` by ``|m v| + eps``; as ``m`` is a positive scalar,
@@ -24,17 +25,22 @@ from torch import Tensor
 from model.ops import COSINE_EPS, CORRELATION_EPS, correlation_positions, normalised_prior, resize
 
 
+# New columns are computed in blocks of at most this many bytes, which bounds the transient memory.
+BLOCK_BYTES = 64 * 2**20
+
+
 class CacheBudget:
     """Bytes that the similarity tables of one episode may still take."""
 
     def __init__(self, max_bytes: int):
         self.left = max(int(max_bytes), 0)
 
-    def take(self, columns: int, bytes_per_column: int) -> int:
-        """Reserve room for up to ``columns`` columns; returns how many fit."""
-        fit = min(columns, self.left // max(bytes_per_column, 1))
-        self.left -= fit * bytes_per_column
-        return fit
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` if they fit."""
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
 
 
 @dataclass
@@ -64,17 +70,15 @@ class SimilarityColumns:
             if positions[block.positions].any():
                 yield block
         new = (positions & ~self.cached).nonzero().flatten()
-        if new.numel() == 0:
-            return
-        values = self.rows_t @ self.columns[:, new]
-        if self.transform is not None:
-            values = self.transform(values)
-        fit = self.budget.take(new.numel(), self.bytes_per_column)
-        if fit > 0:
-            kept = _Block(new[:fit], values[..., :fit].clone() if fit < new.numel() else values)
-            self.kept.append(kept)
-            self.cached[kept.positions] = True
-        yield _Block(new, values)  # this call's new columns (kept or not)
+        step = max(1, BLOCK_BYTES // self.bytes_per_column)
+        for start in range(0, new.numel(), step):
+            block = _Block(new[start:start + step], self.rows_t @ self.columns[:, new[start:start + step]])
+            if self.transform is not None:
+                block.values = self.transform(block.values)
+            if self.budget.take(block.values.numel() * block.values.element_size()):
+                self.kept.append(block)
+                self.cached[block.positions] = True
+            yield block
 
     def weighted_sum(self, weights: Tensor) -> Tensor:
         """sum_p table[..., p] * weights[p] over the positions where ``weights`` [P] != 0 -> [R, Q]."""

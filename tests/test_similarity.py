@@ -54,8 +54,12 @@ def test_correlation_equals_the_direct_masked_correlation(rows, budget_columns):
         assert torch.allclose(cached, direct, rtol=1e-5, atol=1e-6)
         asked |= correlation_positions(mask.flatten(1))[0]
     kept = int(table.cached.sum())
-    expected = int(asked.sum()) if budget_columns is None else min(int(asked.sum()), budget_columns)
-    assert kept == expected and sum(b.positions.numel() for b in table.kept) == kept
+    assert sum(b.positions.numel() for b in table.kept) == kept
+    assert budget.left == (10**12 if budget_columns is None else budget_columns * per_column) - kept * per_column
+    if budget_columns is None:
+        assert kept == int(asked.sum())   # every column asked for was computed once and kept
+    else:
+        assert kept <= budget_columns
 
 
 @pytest.mark.parametrize("budget_columns", [None, 0, 500])
@@ -74,6 +78,23 @@ def test_prior_equals_the_direct_cosine_prior(budget_columns):
 
 def test_budget_is_shared_and_never_exceeded():
     budget = CacheBudget(1000)
-    assert budget.take(3, 300) == 3 and budget.left == 100
-    assert budget.take(5, 300) == 0 and budget.left == 100
-    assert CacheBudget(-5).take(1, 1) == 0
+    assert budget.take(900) and budget.left == 100
+    assert not budget.take(101) and budget.left == 100
+    assert budget.take(100) and budget.left == 0
+    assert not CacheBudget(-5).take(1)
+
+
+def test_new_columns_come_in_bounded_blocks(monkeypatch):
+    monkeypatch.setattr(similarity, "BLOCK_BYTES", 100 * GRID * GRID * 4)   # 100 columns of one row image
+    query, support = features(7, 1), features(8, 1)
+    table = SimilarityColumns(unit_vectors(query), support[0].flatten(1), CacheBudget(250 * GRID * GRID * 4),
+                              torch.relu_)
+    asked = torch.zeros(GRID * GRID, dtype=torch.bool)
+    asked[:330] = True
+    sizes = [b.positions.numel() for b in table.blocks(asked)]
+    assert sizes == [100, 100, 100, 30]
+    assert [b.positions.numel() for b in table.kept] == [100, 100, 30]   # the third block did not fit
+    assert int(table.cached.sum()) == 230 and table.budget.left == 20 * GRID * GRID * 4
+    again = [b.positions.numel() for b in table.blocks(asked)]
+    assert again == [100, 100, 30, 100]          # kept blocks are read; only the 100 others recomputed
+    assert len(table.kept) == 3
