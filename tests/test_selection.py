@@ -1,0 +1,102 @@
+"""util/selection.py: every rule on hand-made rounds, ties, early stops, and the engine's own rule."""
+import math
+
+import numpy as np
+import pytest
+
+from util.selection import (EpisodeRounds, Rule, choose, oracle_choice, round_counts, rule_set, s2q_choice,
+                            select_all)
+
+
+def counts(inter_fg: int, union_fg: int, inter_bg: int = 300, union_bg: int = 350) -> list[list[int]]:
+    return [[inter_bg, inter_fg], [union_bg, union_fg], [330, 50]]
+
+
+def episode(fg: list[tuple[int, int]], scores, gt_scores=None, zero=(10, 100)) -> EpisodeRounds:
+    return EpisodeRounds(counts(*zero), [counts(*c) for c in fg], scores, gt_scores)
+
+
+@pytest.mark.parametrize("scores, chosen", [
+    ([0.5, 0.7, 0.6], 2),
+    ([0.5, 0.5, 0.3], 2),          # a tie goes to the later round
+    ([0.4, 0.4, 0.4, 0.4], 4),
+    ([0.0, 0.0], 2),               # round 1 is taken even with score 0 (best starts at 0, >=)
+    ([0.3, 0.1, 0.2], 1),
+    ([math.nan, 0.2], 2),          # NaN is never >=, as in the engine
+    ([math.nan], 0),               # ... so the zero round comes back only then
+])
+def test_s2q_choice_is_the_engines_rule(scores, chosen):
+    assert s2q_choice(scores) == chosen
+
+
+def test_oracle_takes_best_fg_iou_ties_to_later_round():
+    assert oracle_choice(np.array([counts(10, 100), counts(30, 100), counts(20, 100)])) == 2
+    # 1/2 and 2/4 are the same IoU: a tie, so the later round.
+    assert oracle_choice(np.array([counts(1, 2), counts(2, 4), counts(1, 3)])) == 2
+    assert oracle_choice(np.array([counts(0, 0), counts(0, 5)])) == 2  # empty union is IoU 0: a tie
+
+
+def test_rule_set_order_and_label_flags():
+    rules = rule_set(3, with_gt_scores=True)
+    assert [r.name for r in rules] == ["zero", "s2q", "s2q_gt", "last", "round_1", "round_2", "round_3", "oracle"]
+    assert {r.name for r in rules if r.reads_labels} == {"s2q_gt", "oracle"}
+    assert "s2q_gt" not in [r.name for r in rule_set(3, with_gt_scores=False)]
+    with pytest.raises(ValueError):
+        rule_set(0, True)
+
+
+def test_every_rule_on_hand_made_rounds():
+    episodes = [
+        episode([(20, 100), (40, 100), (30, 100)], [0.5, 0.4, 0.6], [0.5, 0.7, 0.2]),
+        episode([(50, 100), (50, 100), (45, 100)], [0.2, 0.2, 0.1], [0.3, 0.9, 0.9]),
+    ]
+    selected = select_all(episodes, 3, with_gt_scores=True)
+    expected = {"zero": [0, 0], "s2q": [3, 2], "s2q_gt": [2, 3], "last": [3, 3], "round_1": [1, 1],
+                "round_2": [2, 2], "round_3": [3, 3], "oracle": [2, 2]}
+    assert {k: v.chosen.tolist() for k, v in selected.items()} == expected
+    for name, selection in selected.items():
+        for e, chosen, got in zip(episodes, selection.chosen, selection.counts):
+            assert got.tolist() == e.counts(chosen).tolist(), name
+    assert selected["s2q"].histogram(3) == [0, 0, 1, 1]
+    assert selected["oracle"].rule.reads_labels and not selected["last"].rule.reads_labels
+
+
+def test_early_stopped_episode_keeps_its_last_round():
+    stopped = episode([(20, 100), (60, 100)], [0.5, 0.3], [0.1, 0.2])  # 2 of 4 rounds
+    selected = select_all([stopped], 4, with_gt_scores=True)
+    assert selected["last"].chosen.tolist() == [2]
+    assert selected["round_3"].chosen.tolist() == [2] and selected["round_4"].chosen.tolist() == [2]
+    assert selected["round_1"].chosen.tolist() == [1]
+    assert selected["oracle"].chosen.tolist() == [2] and selected["s2q"].chosen.tolist() == [1]
+    table = round_counts([stopped], 4)
+    assert table.shape == (1, 5, 3, 2)
+    assert table[0, 0].tolist() == stopped.zero.tolist()
+    assert all(table[0, r].tolist() == stopped.rounds[1].tolist() for r in (2, 3, 4))
+
+
+def test_missing_ground_truth_scores_and_bad_lengths_are_refused():
+    plain = episode([(20, 100)], [0.5])
+    with pytest.raises(ValueError, match="ground-truth"):
+        select_all([plain], 1, with_gt_scores=True)
+    with pytest.raises(ValueError, match="scores"):
+        episode([(20, 100), (30, 100)], [0.5])
+    with pytest.raises(ValueError, match="unknown"):
+        choose(Rule("best_guess", False, ""), plain)
+
+
+def test_s2q_rule_reproduces_the_engines_choice(monkeypatch):
+    """On a real (small, random) model with scripted scores: the rule applied to the recorded
+    scores picks the engine's round, and that round's prediction is the engine's answer."""
+    torch = pytest.importorskip("torch")
+    from model.eftnet import EFTNet
+    from tests.test_eftnet import build_msanet, make_cfg, make_episode, run, script_scores
+
+    ep = make_episode(1, 1)
+    model = build_msanet(1, ep)
+    engine = EFTNet(model, make_cfg(ft_number=4))
+    for scores in ([0.2, 0.6, 0.6, 0.1], [0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.2, 0.3]):
+        script_scores(monkeypatch, scores)
+        result = run(engine, ep)
+        assert result.round_scores == scores
+        assert s2q_choice(result.round_scores) == result.chosen_round
+        assert torch.equal(result.rounds[result.chosen_round - 1].final, result.final)
