@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.backbones import Features
 from model.base import FewShotModel, Guidance, Prediction, ShotStats
 from model.similarity import CacheBudget
 from model.contract import check_adapt_inputs
@@ -49,6 +50,15 @@ class Round:
     meta: Tensor
     q2s_mask: Tensor
     score: float
+
+
+@dataclass
+class RoundProbe:
+    """What an observer may ask of a round before its step: its number (1-based), and its s2q
+    score under another query mask [1,S,S] (0/1/255), e.g. the evaluator's ground truth."""
+
+    index: int
+    s2q_score: Callable[[Tensor], float]
 
 
 @dataclass
@@ -116,6 +126,7 @@ class EFTNet:
         self.weights = tuple(float(w) for w in cfg.change_weighting)
         self.fraction = float(cfg.q2s_filt_para)
         self.query_mask_source = cfg.s2q_query_mask
+        self.q2s_blend = bool(getattr(cfg, "q2s_blend", True))   # False: the q2s ablation
         # Bytes of similarity products kept across rounds (same outputs; past it, recomputed).
         self.cache_bytes = int(float(getattr(cfg, "similarity_cache_mb", DEFAULT_CACHE_MB)) * 2**20)
         if self.rounds < 1:
@@ -127,15 +138,19 @@ class EFTNet:
 
     # ---- the episode loop ----------------------------------------------------------------
     def adapt(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor,
-              padding: Optional[Tensor] = None, query_mask: Optional[Tensor] = None) -> AdaptResult:
-        """Adapt on one episode (batch size 1, as in the reference); weights are restored after."""
+              padding: Optional[Tensor] = None, query_mask: Optional[Tensor] = None,
+              observer: Optional[Callable[[RoundProbe], None]] = None) -> AdaptResult:
+        """Adapt on one episode (batch size 1, as in the reference); weights are restored after.
+
+        ``observer`` (evaluation only) is called once per round, before its step, with a
+        :class:`RoundProbe`; what it asks does not change the rounds."""
         check_adapt_inputs(self.model, query_img, support_imgs, support_masks, padding, query_mask)
         if query_img.shape[0] != 1:
             raise ValueError(f"EFTNet adapts one episode at a time (batch size 1), got a batch of {query_img.shape[0]}")
         if self.query_mask_source == "ground_truth" and query_mask is None:
             raise ValueError("s2q_query_mask is 'ground_truth' but no query_mask was given")
         with self._episode():
-            return self._adapt_episode(query_img, support_imgs[0], support_masks, padding, query_mask)
+            return self._adapt_episode(query_img, support_imgs[0], support_masks, padding, query_mask, observer)
 
     @contextmanager
     def _episode(self) -> Iterator[None]:
@@ -160,8 +175,8 @@ class EFTNet:
                 p.requires_grad_(flag)
             model.train(was_training)
 
-    def _adapt_episode(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor,
-                       padding: Optional[Tensor], query_mask: Optional[Tensor]) -> AdaptResult:
+    def _prepare(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> tuple["_State", Prediction]:
+        """Everything fixed within the episode, and the zero round (the plain base model)."""
         model = self.model
         query, supports = model.extract(query_img), model.extract(support_imgs)
         with torch.no_grad():  # parameter-free statistics of the fixed support masks: once per episode
@@ -171,28 +186,33 @@ class EFTNet:
             zero = model.decode(query, model.guide(real, model.embed(supports)[None]))
         budget = CacheBudget(self.cache_bytes)
         # Only the query's masks change between rounds: as a support of itself (q2s) and of each support (s2q).
-        q2s_match, s2q_match = model.matcher(query, query, budget), model.matcher(supports, query, budget)
+        state = _State(query, supports, support_masks, real, pairs,
+                       model.matcher(query, query, budget), model.matcher(supports, query, budget))
+        return state, zero
+
+    def _adapt_episode(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor,
+                       padding: Optional[Tensor], query_mask: Optional[Tensor],
+                       observer: Optional[Callable[[RoundProbe], None]]) -> AdaptResult:
+        model = self.model
+        state, zero = self._prepare(query_img, support_imgs, support_masks)
         optimizer = torch.optim.SGD([{"params": g} for g in self.groups], lr=self.base_lr,
                                     momentum=self.momentum, weight_decay=self.weight_decay)
         previous, best, best_score, chosen = zero.final, zero, 0.0, 0
-        scores, losses, rounds, first_mask, stopped = [], [], [], None, False
+        losses, rounds, stopped = [], [], False
         for index in range(self.rounds):
             for group in optimizer.param_groups:
                 group["lr"] = round_learning_rate(self.base_lr, self.rounds, index, self.power)
             label = pseudo_label(previous, padding)
             steps = index < self.rounds - 1  # the last step's weights would never be scored
             with torch.set_grad_enabled(steps):
-                support_embed, query_embed = model.embed(supports), model.embed(query)
-                with torch.no_grad():
-                    with_query = s2q_match((query_mask if self.query_mask_source == "ground_truth" else label)[:, None])
-                    score = self._s2q_score(supports, support_masks, pairs, with_query, support_embed, query_embed)
+                embeds = model.embed(state.supports), model.embed(state.query)
+                score = self._s2q_score(state, query_mask if self.query_mask_source == "ground_truth" else label,
+                                        *embeds)
                 mask = confident_foreground(previous, self.fraction)
-                with torch.no_grad():
-                    same = q2s_match(mask[:, None])
-                prediction = self._q2s(query, real, same, support_embed, query_embed)
-            first_mask = mask if first_mask is None else first_mask
-            scores.append(score)
+                prediction = self._q2s(state, mask, *embeds)
             rounds.append(Round(prediction.final.detach(), prediction.meta.detach(), mask, score))
+            if observer is not None:
+                observer(RoundProbe(index + 1, lambda m, e=embeds: self._s2q_score(state, m, *e)))
             if score >= best_score:
                 best, best_score, chosen = prediction, score, index + 1
             if steps:
@@ -206,28 +226,45 @@ class EFTNet:
                 loss.backward()
                 optimizer.step()
             previous = prediction.final.detach()
-        return AdaptResult(best.final.detach(), best.meta.detach(), best.base, zero, scores, chosen,
-                           losses, first_mask, stopped, rounds)
+        return AdaptResult(best.final.detach(), best.meta.detach(), best.base, zero, [r.score for r in rounds], chosen,
+                           losses, rounds[0].q2s_mask, stopped, rounds)
 
     # ---- the two branches ----------------------------------------------------------------
-    def _q2s(self, query, real: ShotStats, same: ShotStats, support_embed: Tensor, query_embed: Tensor) -> Prediction:
+    def _q2s(self, state: "_State", mask: Tensor, support_embed: Tensor, query_embed: Tensor) -> Prediction:
         """Query prediction from the real supports blended with the query under its pseudo mask
-        (``same``: the query's statistics against itself under that mask)."""
+        ``mask``; with ``q2s_blend`` off (an ablation), from the real supports only."""
         model = self.model
-        guidance = model.guide(real, support_embed[None]).blend(model.guide(same, query_embed[None]), self.weights)
-        return model.decode(query, guidance)
+        guidance = model.guide(state.real, support_embed[None])
+        if self.q2s_blend:
+            with torch.no_grad():
+                same = state.q2s_match(mask[:, None])
+            guidance = guidance.blend(model.guide(same, query_embed[None]), self.weights)
+        return model.decode(state.query, guidance)
 
-    def _s2q_score(self, supports, support_masks: Tensor, pairs: ShotStats, with_query: ShotStats,
-                   support_embed: Tensor, query_embed: Tensor) -> float:
-        """Mean IoU of re-segmenting each support k, with the query (``with_query``: each support
-        against the query under its mask) in place of support k and support k itself (under its
-        own mask) as the blended same-image support. All K supports are segmented in one batch."""
+    @torch.no_grad()
+    def _s2q_score(self, state: "_State", query_mask: Tensor, support_embed: Tensor, query_embed: Tensor) -> float:
+        """Mean IoU of re-segmenting each support k, with the query (under ``query_mask``) in
+        place of support k and support k itself (under its own mask) as the blended same-image
+        support. All K supports are segmented in one batch."""
         model = self.model
-        k = supports.batch
-        different = pairs.replace_diagonal(with_query)                               # [K, K]
+        k = state.supports.batch
+        different = state.pairs.replace_diagonal(state.s2q_match(query_mask[:, None]))     # [K, K]
         eye = torch.eye(k, dtype=torch.bool, device=support_embed.device).view(k, k, 1, 1, 1)
         different_embed = torch.where(eye, query_embed[None], support_embed[None].expand(k, -1, -1, -1, -1))
         guidance: Guidance = model.guide(different, different_embed).blend(
-            model.guide(pairs.diagonal(), support_embed[:, None]), self.weights)
-        prediction = model.decode(supports, guidance)
-        return float(foreground_iou(prediction.final, support_masks[0]).mean())
+            model.guide(state.pairs.diagonal(), support_embed[:, None]), self.weights)
+        prediction = model.decode(state.supports, guidance)
+        return float(foreground_iou(prediction.final, state.support_masks[0]).mean())
+
+
+@dataclass
+class _State:
+    """What stays fixed within an episode: features, the support statistics, the matchers."""
+
+    query: Features
+    supports: Features
+    support_masks: Tensor
+    real: ShotStats                       # the query against the real supports
+    pairs: ShotStats                      # each support against all supports [K, K]
+    q2s_match: Callable[[Tensor], ShotStats]   # the query against itself under a mask
+    s2q_match: Callable[[Tensor], ShotStats]   # each support against the query under a mask

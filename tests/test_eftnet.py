@@ -498,6 +498,30 @@ def test_ground_truth_mode_scores_with_the_query_mask(msanet1, ep1):
         run(engine, ep1)
 
 
+def test_observer_gets_the_reference_scores_without_changing_the_rounds(msanet1, ep1):
+    """The evaluator's probe scores each round with the query label; the rounds themselves are
+    those of a run without observer, and the probe's scores those of a ground_truth run."""
+    plain = run(EFTNet(msanet1, make_cfg()), ep1)
+    probed = []
+    observed = run(EFTNet(msanet1, make_cfg()), ep1,
+                   observer=lambda probe: probed.append((probe.index, probe.s2q_score(ep1.query_mask))))
+    reference = run(EFTNet(msanet1, make_cfg(s2q_query_mask="ground_truth")), ep1, query_mask=ep1.query_mask)
+    assert_same_result(plain, observed)
+    assert [i for i, _ in probed] == [1, 2, 3, 4, 5]
+    assert [v for _, v in probed] == pytest.approx(reference.round_scores, abs=1e-6)
+    assert [v for _, v in probed] != pytest.approx(plain.round_scores, abs=1e-6)
+
+
+def test_q2s_ablation_uses_the_real_supports_only(msanet1, ep1):
+    blended = run(EFTNet(msanet1, make_cfg()), ep1)
+    alone = run(EFTNet(msanet1, make_cfg(q2s_blend=False)), ep1)
+    # Round 1 has the given weights: without the query blended in, its prediction is the zero round.
+    assert torch.allclose(alone.rounds[0].final, alone.zero_round.final, atol=1e-6)
+    assert not torch.allclose(blended.rounds[0].final, blended.zero_round.final, atol=1e-4)
+    # The s2q scoring is the same step in both: round 1's score agrees.
+    assert alone.round_scores[0] == pytest.approx(blended.round_scores[0], abs=1e-7)
+
+
 # ---- 8. a non-finite loss ends the rounds ---------------------------------------------------------
 @pytest.mark.parametrize("nan_from_round, scores, chosen", [(2, [0.2, 0.5], 2), (2, [0.5, 0.2], 1), (1, [0.3], 1)])
 def test_non_finite_loss_stops_with_the_best_round_so_far(msanet1, ep1, monkeypatch, steps,

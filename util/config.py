@@ -55,6 +55,7 @@ SCHEMA: dict[str, Any] = {
     "reduce_dim": 256,
     "base_width": 512,  # hidden width of the base learner's classifier (512 in every release)
     "s2q_query_mask": "pseudo",  # 'ground_truth' reproduces the reference (reads the query label)
+    "q2s_blend": True,  # ablation: False = the q2s prediction uses the real supports only
     "similarity_cache_mb": 1024,  # EFTNet: memory for similarity products kept across rounds (0 = none)
     "kshot_order_quirk": True,  # reproduce MSANet's k-shot reweighting order bug
     "vgg_l2_last_shot_quirk": True,  # reproduce MSANet's VGG l2 correlation of the last shot
