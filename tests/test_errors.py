@@ -64,7 +64,8 @@ def fails(main, argv: list[str], capsys, code: int, *names: str) -> str:
     assert exit_info.value.code == code, err
     assert "Traceback" not in err
     assert err.count(": error: ") == 1, err
-    message = err[err.index(": error: ") - len(Path(main.__module__).name):]
+    start = err.index(": error: ")
+    message = err[err.rfind("\n", 0, start) + 1:]  # from the start of the error's line
     assert len(message.splitlines()) <= 12, message
     for name in names:
         assert name in message, (name, message)
