@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from model import similarity
 from model.backbones import Features
 from model.base import FewShotModel, Guidance, ShotStats
-from model.ops import chained_masks, cosine_prior, masked_correlation, resize, unit_vectors
+from model.ops import CORRELATION_EPS, chained_masks, cosine_prior, masked_correlation, resize, unit_vectors
 from model.similarity import CacheBudget, SimilarityColumns
 
 # Correlation maps per level (l2, l3, l4), counted from the end of the tap list; the
@@ -122,7 +122,9 @@ class SimilarityTables:
 
     def __init__(self, model: MSANet, rows: Features, support: Features, budget: CacheBudget):
         columns = [tap[0].flatten(1) for tap in model._correlated_taps(support)]          # [C, P] each
-        self.taps = [SimilarityColumns(unit, col, budget, torch.relu_) for unit, col in zip(model._tap_units(rows), columns)]
+        row_taps = [tap.flatten(2) for tap in model._correlated_taps(rows)]                 # [R, C, Q] each
+        self.taps = [SimilarityColumns(row, col, budget, torch.relu_, 1 / (row.norm(dim=1) + CORRELATION_EPS))
+                     for row, col in zip(row_taps, columns)]
         self.tap_norms = [col.norm(dim=0) for col in columns]
         self.tap_sizes = [tap.shape[-2:] for tap in model._correlated_taps(support)]
         l4 = support.layer4[0].flatten(1)

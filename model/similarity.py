@@ -50,16 +50,18 @@ class _Block:
 
 
 class SimilarityColumns:
-    """``transform(rows^T columns)`` for fixed ``rows`` [R,C,Q] and ``columns`` [C,P], filled in
-    column by column as masks ask for positions, and kept while the budget allows
-    (``transform`` may work in place)."""
+    """``transform(rows^T columns) * row_scale`` for fixed ``rows`` [R,C,Q], ``columns`` [C,P]
+    and positive ``row_scale`` [R,Q], filled in column by column as masks ask for positions, and
+    kept while the budget allows (``transform`` may work in place). A row scale instead of
+    normalised rows spares a normalised copy of every row image's features."""
 
     def __init__(self, rows: Tensor, columns: Tensor, budget: CacheBudget,
-                 transform: Optional[Callable[[Tensor], Tensor]] = None):
+                 transform: Optional[Callable[[Tensor], Tensor]] = None, row_scale: Optional[Tensor] = None):
         self.rows_t = rows.transpose(1, 2)                  # [R, Q, C]
         self.columns = columns
         self.budget = budget
         self.transform = transform
+        self.row_scale = None if row_scale is None else row_scale[..., None]
         self.cached = torch.zeros(columns.shape[1], dtype=torch.bool, device=columns.device)
         self.kept: list[_Block] = []
         self.bytes_per_column = rows.shape[0] * rows.shape[2] * rows.element_size()
@@ -75,6 +77,8 @@ class SimilarityColumns:
             block = _Block(new[start:start + step], self.rows_t @ self.columns[:, new[start:start + step]])
             if self.transform is not None:
                 block.values = self.transform(block.values)
+            if self.row_scale is not None:
+                block.values.mul_(self.row_scale)
             if self.budget.take(block.values.numel() * block.values.element_size()):
                 self.kept.append(block)
                 self.cached[block.positions] = True
@@ -91,8 +95,8 @@ class SimilarityColumns:
 
 def correlation(table: SimilarityColumns, size: torch.Size, column_norm: Tensor, mask: Tensor) -> Tensor:
     """``masked_correlation`` of the table's rows with its column image under ``mask`` [1,1,h,w]
-    (chain-resized) at the tap's ``size``; the table holds relu(unit row . raw column);
-    ``column_norm`` [P] is |v|.
+    (chain-resized) at the tap's ``size``; the table holds relu(unit row . raw column) (as
+    relu(raw row . raw column) / (|row| + eps)); ``column_norm`` [P] is |v|.
     Returns [R, 1, 1, h, w]."""
     m = mask.flatten()
     keep = correlation_positions(m[None])[0]

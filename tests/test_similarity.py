@@ -43,7 +43,8 @@ def test_correlation_equals_the_direct_masked_correlation(rows, budget_columns):
     budget = CacheBudget(10**12 if budget_columns is None else budget_columns * per_column)
     units = unit_vectors(query)
     column = support[0].flatten(1)
-    table = SimilarityColumns(units, column, budget, torch.relu_)
+    raw = query.flatten(2)
+    table = SimilarityColumns(raw, column, budget, torch.relu_, 1 / (raw.norm(dim=1) + 1e-5))
     norm = column.norm(dim=0)
     asked = torch.zeros(GRID * GRID, dtype=torch.bool)
     for full in blob_masks(3, 4, IMAGE):

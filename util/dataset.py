@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from util.errors import DataError
 from util.episodes import Episode, load_episodes, make_episodes
@@ -242,3 +242,16 @@ def build_episode_dataset(cfg, seed: int) -> tuple[EpisodeDataset, list[Episode]
                                  label_reader=lambda p: read_label(os.path.join(root, p)))
     dataset = EpisodeDataset(episodes, str(root), data_set, split, use_split_coco, cfg.val_size)
     return dataset, episodes
+
+
+def _worker_init(_: int) -> None:
+    # One thread per loader worker: the engine's threads get the cores (PyTorch already limits
+    # its own threads in workers; OpenCV's resize would otherwise start one per core).
+    cv2.setNumThreads(1)
+
+
+def episode_loader(dataset: EpisodeDataset, indices: list[int], workers: int, device: torch.device) -> DataLoader:
+    """The episodes ``indices`` of ``dataset`` in order, one at a time (``batch_size=None``),
+    loaded by ``workers`` processes ahead of the engine; pinned memory for CUDA copies."""
+    return DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None)
