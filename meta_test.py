@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Check every input, then evaluate every seed; returns what results.json holds."""
     opts = list(args.opts) + (["arch", args.arch] if args.arch else [])
     cfg = load_config(args.config, opts)
     ctx = distributed.setup(cfg.device)
