@@ -100,3 +100,26 @@ def test_s2q_rule_reproduces_the_engines_choice(monkeypatch):
         assert result.round_scores == scores
         assert s2q_choice(result.round_scores) == result.chosen_round
         assert torch.equal(result.rounds[result.chosen_round - 1].final, result.final)
+
+
+def test_rules_on_a_pseudo_run_equal_runs_with_that_rule_forced():
+    """One label-free run, with the evaluator's ground-truth observer, gives the reference's
+    selection (s2q with the query's ground truth) exactly: same scores, same round, same answer
+    as a separate ``s2q_query_mask: ground_truth`` run, whose rounds are the same predictions
+    (the trajectory does not depend on the selection)."""
+    torch = pytest.importorskip("torch")
+    from model.eftnet import EFTNet
+    from tests.test_eftnet import build_msanet, make_cfg, make_episode, run
+    from util.analysis import GroundTruthScores
+
+    ep = make_episode(1, 1)
+    model = build_msanet(1, ep)
+    observer = GroundTruthScores(ep.query_mask)
+    pseudo = run(EFTNet(model, make_cfg(ft_number=3)), ep, observer=observer)
+    reference = run(EFTNet(model, make_cfg(ft_number=3, s2q_query_mask="ground_truth")), ep, query_mask=ep.query_mask)
+    assert observer.scores == pytest.approx(reference.round_scores, abs=1e-6)
+    assert s2q_choice(observer.scores) == reference.chosen_round
+    chosen = pseudo.rounds[s2q_choice(observer.scores) - 1]
+    assert torch.allclose(chosen.final, reference.final, atol=1e-5)
+    for ours, theirs in zip(pseudo.rounds, reference.rounds):  # one trajectory, whatever the selection
+        assert torch.allclose(ours.final, theirs.final, atol=1e-5)
