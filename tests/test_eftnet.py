@@ -59,10 +59,10 @@ def make_episode(seed: int, shot: int) -> SimpleNamespace:
                            masks=torch.stack([s[1] for s in shots], 1), padding=padding, query_mask=query_mask)
 
 
-def build_msanet(shot: int, episode: SimpleNamespace) -> MSANet:
+def build_msanet(shot: int, episode: SimpleNamespace, backbone: str = "mobilenetv2") -> MSANet:
     """Random MSANet whose plain prediction on ``episode`` is about 30 % foreground."""
     torch.manual_seed(shot)
-    model = MSANet("mobilenetv2", shot, 15, **SMALL).eval()
+    model = MSANet(backbone, shot, 15, **SMALL).eval()
     with torch.no_grad():
         model.gram_merge.weight.copy_(torch.tensor([1.0, 0.1]).view(1, 2, 1, 1))
         model.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
@@ -471,6 +471,15 @@ def test_kept_similarity_products_change_no_output(shot, mode, msanet1, msanet2,
             assert torch.equal(a.q2s_mask, b.q2s_mask)
             assert torch.allclose(a.final, b.final, atol=1e-5) and torch.allclose(a.meta, b.meta, atol=1e-5)
         assert torch.allclose(res.final, direct.final, atol=1e-5)
+
+
+def test_kept_similarity_products_change_no_output_with_vgg_taps(ep1):
+    """VGG's correlated taps come at two sizes (layer3 and layer4 at 65 px: 9 and 5)."""
+    model = build_msanet(1, ep1, "vgg")
+    direct, kept = (run(EFTNet(model, make_cfg(similarity_cache_mb=mb)), ep1) for mb in (0, 1024))
+    assert kept.chosen_round == direct.chosen_round
+    assert kept.round_scores == pytest.approx(direct.round_scores, abs=1e-6)
+    assert torch.allclose(kept.final, direct.final, atol=1e-5) and torch.allclose(kept.meta, direct.meta, atol=1e-5)
 
 
 # ---- 7. the query label is read only when asked for ------------------------------------------------
