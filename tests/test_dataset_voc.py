@@ -133,7 +133,7 @@ def test_loader_on_real_episode(voc, split, query, class_id, support):
 
 def test_episodes_from_plain_list_fold2_person(voc, val_list, tmp_path):
     cfg = SimpleNamespace(data_set="pascal", split=2, shot=1, use_split_coco=False,
-                          data_root=str(voc[0]), lists_root=str(tmp_path / "lists"),
+                          data_root=str(voc[0]), lists_root="",  # no BAM lists: built from val_list
                           val_list=str(val_list), val_size=SIZE, test_num=4, episode_file=None)
     dataset, episodes = build_episode_dataset(cfg, seed=510)
     # 2011_000025 has no fold-2 class and is dropped; person queries the other image.
