@@ -122,4 +122,21 @@ def test_ground_truth_observer_and_round_fields():
     logits = torch.zeros(1, 2, 2, 2)
     logits[:, 1] = 1.0  # foreground everywhere
     fields = round_fields([SimpleNamespace(final=logits)], label, [0.5])
-    assert fields == {"counts": [[[0, 2], [1, 3], [1, 2]]], "gt_scores": [0.5]}
+    assert fields == {"counts": [[[0, 2], [1, 3], [1, 2]]], "gt_scores": [0.5], "label_free": True}
+
+
+def test_ground_truth_run_records(tmp_path):
+    """A ``s2q_query_mask: ground_truth`` run: its engine scores are ground-truth scores, so there
+    is no label-free rule, and the reference rule is the run's EFTNet."""
+    records = fake_records(4, 20, with_gt=False)
+    for r in records:
+        r["rounds"]["label_free"] = False
+        r["rounds"]["gt_scores"] = r["rounds"]["scores"]
+    per_seed = {4: analyse_seed(records, CLASSES, ROUNDS, draws=100)}
+    pooled = analyse_pooled(per_seed, CLASSES, ROUNDS, draws=100)
+    assert "s2q" not in pooled["rules"] and pooled["rules"]["s2q_gt"]["reads_labels"]
+    scores = Scores(CLASSES, 1)
+    for r in records:
+        scores.add(r)
+    assert pooled["rules"]["s2q_gt"]["miou"] == pytest.approx(scores.summary(True)["eftnet"]["miou"], abs=1e-12)
+    assert len(write_plots(tmp_path, per_seed, pooled)) == 5

@@ -123,3 +123,11 @@ def test_rules_on_a_pseudo_run_equal_runs_with_that_rule_forced():
     assert torch.allclose(chosen.final, reference.final, atol=1e-5)
     for ours, theirs in zip(pseudo.rounds, reference.rounds):  # one trajectory, whatever the selection
         assert torch.allclose(ours.final, theirs.final, atol=1e-5)
+
+
+def test_ground_truth_run_has_only_the_reference_rule():
+    e = EpisodeRounds(counts(10, 100), [counts(20, 100), counts(30, 100)], None, [0.4, 0.3])
+    selected = select_all([e], 2, with_gt_scores=True, with_label_free_scores=False)
+    assert "s2q" not in selected and selected["s2q_gt"].chosen.tolist() == [1]
+    with pytest.raises(ValueError, match="label-free"):
+        choose(rule_set(2, False)[1], e)

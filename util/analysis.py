@@ -40,10 +40,14 @@ class GroundTruthScores:
         self.scores.append(float(probe.s2q_score(self.query_mask)))
 
 
-def round_fields(rounds: Sequence, label_orig: torch.Tensor, gt_scores: Optional[Sequence[float]]) -> dict:
+def round_fields(rounds: Sequence, label_orig: torch.Tensor, gt_scores: Optional[Sequence[float]],
+                 label_free: bool = True) -> dict:
     """What an episode record's ``rounds`` gains: each round's final-prediction counts against
-    the original-resolution label, and the ground-truth s2q scores when recorded."""
-    fields = {"counts": [[c.tolist() for c in episode_counts(r.final, label_orig, 2)] for r in rounds]}
+    the original-resolution label, and the ground-truth s2q scores when recorded.
+    ``label_free``: whether the record's own ``scores`` used the pseudo label (False in a
+    ``s2q_query_mask: ground_truth`` run, whose engine scores are then also its ``gt_scores``)."""
+    fields = {"counts": [[c.tolist() for c in episode_counts(r.final, label_orig, 2)] for r in rounds],
+              "label_free": label_free}
     if gt_scores is not None:
         fields["gt_scores"] = [float(s) for s in gt_scores]
     return fields
@@ -55,7 +59,8 @@ def episode_rounds(record: dict) -> EpisodeRounds:
     rounds = record["rounds"]
     if "counts" not in rounds:
         raise KeyError("episode record without per-round counts (written by an older version): rerun with --restart")
-    return EpisodeRounds(record["zero"]["final"], rounds["counts"], rounds["scores"], rounds.get("gt_scores"))
+    scores = rounds["scores"] if rounds.get("label_free", True) else None
+    return EpisodeRounds(record["zero"]["final"], rounds["counts"], scores, rounds.get("gt_scores"))
 
 
 def _summary(counts: EpisodeCounts) -> dict:
@@ -71,10 +76,13 @@ def analyse_seed(records: Sequence[dict], num_classes: int, num_rounds: int, dra
     """Rules of one seed's records: per rule its numbers, its chosen-round histogram and its
     paired comparison with the zero round. Also kept (under ``_``, not for JSON): the
     per-episode counts of each rule, for pooling and plots."""
-    with_gt = bool(records) and all("gt_scores" in r["rounds"] for r in records)
+    if not records:
+        raise ValueError("no episode records to analyse")
     episodes = [episode_rounds(r) for r in records]
+    with_gt = all(e.gt_scores is not None for e in episodes)
+    label_free = all(e.scores is not None for e in episodes)
     class_idx = np.array([r["class_idx"] for r in records], dtype=np.int64)
-    selected = select_all(episodes, num_rounds, with_gt)
+    selected = select_all(episodes, num_rounds, with_gt, label_free)
     counts = {name: _as_counts(class_idx, s.counts, num_classes) for name, s in selected.items()}
     rules = {}
     for name, selection in selected.items():
@@ -84,7 +92,7 @@ def analyse_seed(records: Sequence[dict], num_classes: int, num_rounds: int, dra
             entry["vs_zero"] = paired_bootstrap(counts[name], counts[ZERO], draws, seed).to_dict()
         rules[name] = entry
     per_round = round_counts(episodes, num_rounds)
-    return {"episodes": len(records), "with_gt_scores": with_gt, "rules": rules,
+    return {"episodes": len(records), "with_gt_scores": with_gt, "with_label_free_scores": label_free, "rules": rules,
             "round_miou": [EpisodeCounts.from_counts(class_idx, per_round[:, r], num_classes).class_miou()
                            for r in range(num_rounds + 1)],
             "_": {"counts": counts, "selected": selected, "episodes": episodes, "per_round": per_round,
@@ -109,7 +117,8 @@ def analyse_pooled(per_seed: Mapping[int, dict], num_classes: int, num_rounds: i
     class_idx = np.concatenate([a["_"]["class_idx"] for a in analyses])
     per_round = np.concatenate([a["_"]["per_round"] for a in analyses])
     return {"episodes": int(class_idx.shape[0]), "seeds": len(analyses),
-            "with_gt_scores": all(a["with_gt_scores"] for a in analyses), "rules": rules,
+            "with_gt_scores": all(a["with_gt_scores"] for a in analyses),
+            "with_label_free_scores": all(a["with_label_free_scores"] for a in analyses), "rules": rules,
             "round_miou": [EpisodeCounts.from_counts(class_idx, per_round[:, r], num_classes).class_miou()
                            for r in range(num_rounds + 1)]}
 
@@ -173,7 +182,8 @@ def write_plots(out: Path, per_seed: Mapping[int, dict], pooled: dict) -> dict[s
     """The five PNGs of a run (all seeds together) in ``out``; returns them by name for TensorBoard."""
     analyses = list(per_seed.values())
     episodes = [e for a in analyses for e in a["_"]["episodes"]]
-    with_gt = pooled["with_gt_scores"]
+    with_gt, label_free = pooled["with_gt_scores"], pooled["with_label_free_scores"]
+    engine_rule = S2Q if label_free else S2Q_GT  # the rule the run's own EFTNet numbers used
     rules = pooled["rules"]
     images: dict[str, np.ndarray] = {}
 
@@ -183,17 +193,20 @@ def write_plots(out: Path, per_seed: Mapping[int, dict], pooled: dict) -> dict[s
     marks = {rule_label(n, rules[n]): 100 * rules[n]["miou"] for n in PLOTTED_RULES if n in rules}
     draw("round_miou", lambda p: plots.round_iou(p, [100 * v for v in pooled["round_miou"]], marks))
     draw("round_s2q_scores", lambda p: plots.round_scores(
-        p, _ragged_mean([e.scores for e in episodes]),
+        p, _ragged_mean([e.scores for e in episodes]) if label_free else None,
         _ragged_mean([e.gt_scores for e in episodes]) if with_gt else None))
     draw("chosen_rounds", lambda p: plots.chosen_rounds(
         p, {rule_label(n, rules[n]): rules[n]["chosen_rounds"] for n in PLOTTED_RULES if n in rules}))
     zero = np.concatenate([a["_"]["counts"][ZERO].fg_iou() for a in analyses])
-    chosen = np.concatenate([a["_"]["counts"][S2Q].fg_iou() for a in analyses])
-    draw("gains", lambda p: plots.gain_histogram(p, 100 * (chosen - zero), "EFTNet s2q - zero round, IoU points"))
+    chosen = np.concatenate([a["_"]["counts"][engine_rule].fg_iou() for a in analyses])
+    draw("gains", lambda p: plots.gain_histogram(
+        p, 100 * (chosen - zero), f"{rule_label(engine_rule, rules[engine_rule])} - zero round, IoU points"))
     round_iou = [c[0, 1] / (c[1, 1] + 1e-10) for e in episodes for c in e.rounds]
-    draw("s2q_score_vs_iou", lambda p: plots.score_vs_iou(
-        p, [s for e in episodes for s in e.scores], round_iou,
-        [s for e in episodes for s in e.gt_scores] if with_gt else None))
+    gt = [s for e in episodes for s in e.gt_scores] if with_gt else None
+    if label_free:
+        draw("s2q_score_vs_iou", lambda p: plots.score_vs_iou(p, [s for e in episodes for s in e.scores], round_iou, gt))
+    else:
+        draw("s2q_score_vs_iou", lambda p: plots.score_vs_iou(p, gt, round_iou, label="query ground truth"))
     return images
 
 

@@ -61,12 +61,14 @@ def round_iou(path: str | Path, per_round: Sequence[float], marks: Mapping[str, 
     return _finish(figure, path)
 
 
-def round_scores(path: str | Path, pseudo: Sequence[float], ground_truth: Optional[Sequence[float]] = None) -> np.ndarray:
-    """Mean s2q score of rounds 1..N with the query's pseudo label, and with its ground truth
-    when recorded."""
+def round_scores(path: str | Path, pseudo: Optional[Sequence[float]],
+                 ground_truth: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Mean s2q score of rounds 1..N with the query's pseudo label and with its ground truth,
+    each when recorded."""
     figure, ax = _new()
-    rounds = np.arange(1, len(pseudo) + 1)
-    ax.plot(rounds, pseudo, marker="o", label="query pseudo label (label-free)")
+    rounds = np.arange(1, max(len(pseudo or []), len(ground_truth or [])) + 1)
+    if pseudo is not None:
+        ax.plot(np.arange(1, len(pseudo) + 1), pseudo, marker="o", label="query pseudo label (label-free)")
     if ground_truth is not None:
         ax.plot(np.arange(1, len(ground_truth) + 1), ground_truth, marker="s",
                 label="query ground truth (reads labels)")
@@ -115,12 +117,13 @@ def gain_histogram(path: str | Path, gains: Sequence[float], label: str = "EFTNe
 
 
 def score_vs_iou(path: str | Path, scores: Sequence[float], ious: Sequence[float],
-                 gt_scores: Optional[Sequence[float]] = None) -> np.ndarray:
-    """Scatter of the s2q score against the query's foreground IoU, one point per round and
-    episode; with ``gt_scores``, the ground-truth scores of the same points beside them."""
+                 gt_scores: Optional[Sequence[float]] = None, label: str = "pseudo label") -> np.ndarray:
+    """Scatter of the s2q score (computed with the query's ``label``) against the query's
+    foreground IoU, one point per round and episode; with ``gt_scores``, the ground-truth scores
+    of the same points beside them."""
     scores, ious = np.asarray(scores, dtype=np.float64), np.asarray(ious, dtype=np.float64)
     figure, ax = _new()
-    ax.scatter(scores, ious, s=6, alpha=0.4, label=f"pseudo label (r = {_correlation(scores, ious)})")
+    ax.scatter(scores, ious, s=6, alpha=0.4, label=f"{label} (r = {_correlation(scores, ious)})")
     if gt_scores is not None:
         gt_scores = np.asarray(gt_scores, dtype=np.float64)
         ax.scatter(gt_scores, ious, s=6, alpha=0.4, marker="x",

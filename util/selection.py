@@ -39,13 +39,14 @@ def fixed_round_name(r: int) -> str:
     return f"round_{r}"
 
 
-def rule_set(num_rounds: int, with_gt_scores: bool) -> list[Rule]:
-    """The rules reported for ``num_rounds`` rounds, in table order; ``s2q_gt`` only when the
-    ground-truth s2q scores were recorded."""
+def rule_set(num_rounds: int, with_gt_scores: bool, with_label_free_scores: bool = True) -> list[Rule]:
+    """The rules reported for ``num_rounds`` rounds, in table order; ``s2q`` and ``s2q_gt`` only
+    when their scores were recorded (a ``s2q_query_mask: ground_truth`` run has only the latter)."""
     if num_rounds < 1:
         raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
-    rules = [Rule(ZERO, False, "zero round: the base model, no fine-tuning"),
-             Rule(S2Q, False, "EFTNet: best s2q score with the query's pseudo label (label-free)")]
+    rules = [Rule(ZERO, False, "zero round: the base model, no fine-tuning")]
+    if with_label_free_scores:
+        rules.append(Rule(S2Q, False, "EFTNet: best s2q score with the query's pseudo label (label-free)"))
     if with_gt_scores:
         rules.append(Rule(S2Q_GT, True, "EFTNet as the reference: best s2q score with the query's ground truth"))
     rules.append(Rule(LAST, False, f"last round (round {num_rounds}): no discrimination"))
@@ -59,13 +60,13 @@ class EpisodeRounds:
     """What one episode's record holds about its rounds.
 
     ``zero`` [3, 2] and ``rounds`` [R, 3, 2]: counts of the zero round and of each round's query
-    prediction; ``scores`` [R]: the label-free s2q scores; ``gt_scores`` [R] or None: the s2q
-    scores with the query's ground truth in place of its pseudo label.
+    prediction; ``scores`` [R] or None: the label-free s2q scores; ``gt_scores`` [R] or None: the
+    s2q scores with the query's ground truth in place of its pseudo label.
     """
 
     zero: np.ndarray
     rounds: np.ndarray
-    scores: Sequence[float]
+    scores: Optional[Sequence[float]]
     gt_scores: Optional[Sequence[float]] = None
 
     def __post_init__(self) -> None:
@@ -73,7 +74,7 @@ class EpisodeRounds:
         self.rounds = np.asarray(self.rounds, dtype=np.int64).reshape(-1, 3, 2)
         if self.rounds.shape[0] < 1:
             raise ValueError("an episode must have at least one round")
-        if len(self.scores) != self.rounds.shape[0]:
+        if self.scores is not None and len(self.scores) != self.rounds.shape[0]:
             raise ValueError(f"{len(self.scores)} s2q scores for {self.rounds.shape[0]} rounds")
         if self.gt_scores is not None and len(self.gt_scores) != self.rounds.shape[0]:
             raise ValueError(f"{len(self.gt_scores)} ground-truth s2q scores for {self.rounds.shape[0]} rounds")
@@ -121,6 +122,8 @@ def choose(rule: Rule, episode: EpisodeRounds) -> int:
     if rule.name == ZERO:
         return 0
     if rule.name == S2Q:
+        if episode.scores is None:
+            raise ValueError("rule s2q needs the label-free s2q scores, which this episode lacks")
         return s2q_choice(episode.scores)
     if rule.name == S2Q_GT:
         if episode.gt_scores is None:
@@ -149,10 +152,10 @@ class Selection:
 
 
 def select_all(episodes: Sequence[EpisodeRounds], num_rounds: int,
-               with_gt_scores: bool) -> dict[str, Selection]:
+               with_gt_scores: bool, with_label_free_scores: bool = True) -> dict[str, Selection]:
     """Every rule of ``rule_set`` applied to every episode, by rule name in table order."""
     out = {}
-    for rule in rule_set(num_rounds, with_gt_scores):
+    for rule in rule_set(num_rounds, with_gt_scores, with_label_free_scores):
         chosen = np.array([choose(rule, e) for e in episodes], dtype=np.int64)
         counts = np.array([e.counts(c) for e, c in zip(episodes, chosen)], dtype=np.int64).reshape(-1, 3, 2)
         out[rule.name] = Selection(rule, chosen, counts)
