@@ -5,9 +5,11 @@
 
 One line per setting, each measured in a fresh process (so that the CPU's peak RSS belongs to
 that setting): the plain forward (the base model's prediction), the EFTNet episode (5 rounds),
-their ratio, and peak memory (process peak RSS on CPU, which includes the plain forward's;
+their ratio (medians over repeats that run the parts in turn, so a changing load weighs on
+both alike), and peak memory (process peak RSS on CPU, which includes the plain forward's;
 ``torch.cuda.max_memory_allocated`` on CUDA, reset before each part). ``--direct`` adds the
-episode without kept similarity products (``similarity_cache_mb 0``, the previous path). The
+episode matched directly every round (``similarity_cache_mb 0``); ``--probe`` the episode
+with the evaluator's extra ground-truth s2q score per round (``s2q_gt_scores``) and its cost. The
 random model is biased to predict about 30 % of the query as foreground, like a trained model
 on an object. The reference code measures about 16.4x (1-shot) and 36.5x (5-shot) for this
 ratio with R50 at 201 px.
@@ -23,7 +25,7 @@ import types
 
 import torch
 
-from benchmarks.common import peak_memory_mb, predict_foreground, random_episode, reset_peak, timed
+from benchmarks.common import interleaved_times, peak_memory_mb, predict_foreground, random_episode, reset_peak
 from model import BAM, MSANet
 from model.eftnet import EFTNet
 
@@ -38,7 +40,7 @@ def engine_settings(cache_mb: float, mode: str) -> types.SimpleNamespace:
 
 
 def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device, repeats: int,
-            cache_mb: float, mode: str, direct: bool) -> dict:
+            cache_mb: float, mode: str, direct: bool, probe: bool) -> dict:
     """Times and peaks of one setting, in this process."""
     torch.manual_seed(0)
     model = (MSANet if arch == "MSANet" else BAM)(backbone, shot, 15).to(device).eval()
@@ -50,18 +52,22 @@ def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device
         with torch.no_grad():
             model(ep["query_img"], ep["support_imgs"], ep["support_masks"])
 
-    def episode(mb: float):
+    def episode(mb: float, observer=None):
         engine = EFTNet(model, engine_settings(mb, mode))
         return lambda: engine.adapt(ep["query_img"], ep["support_imgs"], ep["support_masks"], ep["padding"],
-                                    query_mask)
+                                    query_mask, observer=observer)
 
-    reset_peak(device)
-    out = {"base_s": timed(base, device, repeats), "base_mb": peak_memory_mb(device)}
-    reset_peak(device)
-    out["eft_s"] = timed(episode(cache_mb), device, repeats)
-    out["eft_mb"] = peak_memory_mb(device)
+    parts = {"base": base, "eft": episode(cache_mb)}
     if direct:
-        out["direct_s"] = timed(episode(0), device, repeats)
+        parts["direct"] = episode(0)
+    if probe:
+        parts["probe"] = episode(cache_mb, lambda p: p.s2q_score(query_mask))
+    out = {}
+    for name, fn in parts.items():  # warm-up; base first, as the CPU's peak RSS only grows
+        reset_peak(device)
+        fn()
+        out[f"{name}_mb"] = peak_memory_mb(device)
+    out.update({f"{name}_s": t for name, t in interleaved_times(parts, device, repeats).items()})
     return out
 
 
@@ -72,23 +78,25 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--archs", nargs="+", default=["MSANet"], choices=["MSANet", "BAM"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each part after one warm-up (median)")
     parser.add_argument("--cache-mb", type=float, default=1024, help="similarity_cache_mb of the engine")
     parser.add_argument("--mode", default="pseudo", choices=["pseudo", "ground_truth"])
     parser.add_argument("--direct", action="store_true", help="also time the episode with similarity_cache_mb 0")
+    parser.add_argument("--probe", action="store_true", help="also time the episode with ground-truth s2q scores")
     parser.add_argument("--one", nargs=4, metavar=("ARCH", "BACKBONE", "SIZE", "SHOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.one:
         arch, backbone, size, shot = args.one
         print(json.dumps(measure(arch, backbone, int(size), int(shot), device, args.repeats, args.cache_mb,
-                                 args.mode, args.direct)))
+                                 args.mode, args.direct, args.probe)))
         return
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"threads {torch.get_num_threads()}, s2q query mask {args.mode}, similarity_cache_mb {args.cache_mb:g}")
-    print(HEADER + (f" {'direct s':>8} {'ratio':>6}" if args.direct else ""), flush=True)
+    print(HEADER + (f" {'direct s':>8} {'ratio':>6}" if args.direct else "")
+          + (f" {'probe s':>8} {'cost':>6}" if args.probe else ""), flush=True)
     common = ["--device", args.device, "--repeats", str(args.repeats), "--cache-mb", str(args.cache_mb),
-              "--mode", args.mode] + (["--direct"] if args.direct else [])
+              "--mode", args.mode] + (["--direct"] if args.direct else []) + (["--probe"] if args.probe else [])
     for arch, backbone, size, shot in itertools.product(args.archs, args.backbones, args.sizes, args.shots):
         child = subprocess.run([sys.executable, "-m", "benchmarks.bench_eftnet", "--one", arch, backbone,
                                 str(size), str(shot), *common], capture_output=True, text=True)
@@ -101,6 +109,8 @@ def main() -> None:
                 f"{r['eft_mb'] - r['base_mb']:8.0f}")
         if args.direct:
             line += f" {r['direct_s']:8.2f} {r['direct_s'] / r['base_s']:6.2f}"
+        if args.probe:
+            line += f" {r['probe_s']:8.2f} {100 * (r['probe_s'] / r['eft_s'] - 1):+5.0f}%"
         print(line, flush=True)
 
 

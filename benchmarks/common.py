@@ -56,6 +56,22 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return sorted(times)[len(times) // 2]
 
 
+def interleaved_times(parts: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Median wall time of each part over ``repeats`` rounds that run every part once in turn
+    (so that a load which changes over time weighs on all parts alike); no warm-up here."""
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated since the last reset, or the process's peak RSS on CPU."""
     if device.type == "cuda":

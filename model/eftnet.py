@@ -127,7 +127,8 @@ class EFTNet:
         self.fraction = float(cfg.q2s_filt_para)
         self.query_mask_source = cfg.s2q_query_mask
         self.q2s_blend = bool(getattr(cfg, "q2s_blend", True))   # False: the q2s ablation
-        # Bytes of similarity products kept across rounds (same outputs; past it, recomputed).
+        # Bytes of similarity products kept across rounds (same outputs; past it, recomputed;
+        # 0: every round matches directly, as before the tables existed).
         self.cache_bytes = int(float(getattr(cfg, "similarity_cache_mb", DEFAULT_CACHE_MB)) * 2**20)
         if self.rounds < 1:
             raise ValueError(f"ft_number must be >= 1 for EFTNet, got {self.rounds}")
@@ -184,7 +185,7 @@ class EFTNet:
             pairs = ShotStats.cat([model.match(supports[k:k + 1], supports, support_masks)
                                    for k in range(supports.batch)], dim=0)
             zero = model.decode(query, model.guide(real, model.embed(supports)[None]))
-        budget = CacheBudget(self.cache_bytes)
+        budget = CacheBudget(self.cache_bytes) if self.cache_bytes > 0 else None   # None: match directly
         # Only the query's masks change between rounds: as a support of itself (q2s) and of each support (s2q).
         state = _State(query, supports, support_masks, real, pairs,
                        model.matcher(query, query, budget), model.matcher(supports, query, budget))
