@@ -21,6 +21,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 import types
 
 import torch
@@ -40,7 +41,7 @@ def engine_settings(cache_mb: float, mode: str) -> types.SimpleNamespace:
 
 
 def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device, repeats: int,
-            cache_mb: float, mode: str, direct: bool, probe: bool) -> dict:
+            cache_mb: float, mode: str, direct: bool, probe: bool, cpu_clock: bool = False) -> dict:
     """Times and peaks of one setting, in this process."""
     torch.manual_seed(0)
     model = (MSANet if arch == "MSANet" else BAM)(backbone, shot, 15).to(device).eval()
@@ -67,7 +68,8 @@ def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device
         reset_peak(device)
         fn()
         out[f"{name}_mb"] = peak_memory_mb(device)
-    out.update({f"{name}_s": t for name, t in interleaved_times(parts, device, repeats).items()})
+    clock = time.process_time if cpu_clock else time.perf_counter
+    out.update({f"{name}_s": t for name, t in interleaved_times(parts, device, repeats, clock).items()})
     return out
 
 
@@ -82,6 +84,8 @@ def main() -> None:
     parser.add_argument("--cache-mb", type=float, default=1024, help="similarity_cache_mb of the engine")
     parser.add_argument("--mode", default="pseudo", choices=["pseudo", "ground_truth"])
     parser.add_argument("--direct", action="store_true", help="also time the episode with similarity_cache_mb 0")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="CPU seconds of the process instead of wall time (a shared machine; use 1 thread)")
     parser.add_argument("--probe", action="store_true", help="also time the episode with ground-truth s2q scores")
     parser.add_argument("--one", nargs=4, metavar=("ARCH", "BACKBONE", "SIZE", "SHOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -89,14 +93,16 @@ def main() -> None:
     if args.one:
         arch, backbone, size, shot = args.one
         print(json.dumps(measure(arch, backbone, int(size), int(shot), device, args.repeats, args.cache_mb,
-                                 args.mode, args.direct, args.probe)))
+                                 args.mode, args.direct, args.probe, args.cpu_clock)))
         return
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
-          f"threads {torch.get_num_threads()}, s2q query mask {args.mode}, similarity_cache_mb {args.cache_mb:g}")
+          f"threads {torch.get_num_threads()}, {'CPU' if args.cpu_clock else 'wall'} seconds, "
+          f"s2q query mask {args.mode}, similarity_cache_mb {args.cache_mb:g}")
     print(HEADER + (f" {'direct s':>8} {'ratio':>6}" if args.direct else "")
           + (f" {'probe s':>8} {'cost':>6}" if args.probe else ""), flush=True)
     common = ["--device", args.device, "--repeats", str(args.repeats), "--cache-mb", str(args.cache_mb),
-              "--mode", args.mode] + (["--direct"] if args.direct else []) + (["--probe"] if args.probe else [])
+              "--mode", args.mode] + [f"--{flag.replace('_', '-')}" for flag in ("direct", "probe", "cpu_clock")
+                                      if getattr(args, flag)]
     for arch, backbone, size, shot in itertools.product(args.archs, args.backbones, args.sizes, args.shots):
         child = subprocess.run([sys.executable, "-m", "benchmarks.bench_eftnet", "--one", arch, backbone,
                                 str(size), str(shot), *common], capture_output=True, text=True)

@@ -56,19 +56,22 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return sorted(times)[len(times) // 2]
 
 
-def interleaved_times(parts: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Median wall time of each part over ``repeats`` rounds that run every part once in turn
-    (so that a load which changes over time weighs on all parts alike); no warm-up here."""
+def interleaved_times(parts: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time of each part over ``repeats`` rounds that run every part once in turn (so
+    that a load which changes over time weighs on all parts alike); no warm-up here. ``clock``
+    may be ``time.process_time`` (CPU seconds of this process: steady on a shared machine when
+    PyTorch runs one thread)."""
     times: dict[str, list[float]] = {name: [] for name in parts}
     for _ in range(repeats):
         for name, fn in parts.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
