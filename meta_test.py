@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -31,6 +32,9 @@ from tqdm import tqdm
 from model import build_model
 from model.eftnet import EFTNet
 from util import distributed
+from util.analysis import (COUNTS_FILE, GroundTruthScores, analyse_pooled, analyse_seed, format_analysis, public,
+                           save_rule_counts, tensorboard_scalars, write_plots)
+from util.bootstrap import DEFAULT_LEVEL
 from util.checkpoint import checkpoint_path, file_sha256, load_weights
 from util.config import backbone_name, config_summary, config_warnings, load_config, repo_path
 from util.dataset import EpisodeDataset, build_episode_dataset, episode_file_path
@@ -180,14 +184,24 @@ class Evaluator:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
-    def episode(self, batch: dict) -> tuple[dict, object, object]:
+    def episode(self, batch: dict) -> tuple[dict, object, object, Optional[list[float]]]:
+        """The zero round, EFTNet's result and the rounds' ground-truth s2q scores (None if not
+        recorded). In pseudo mode the engine never receives the query label: the evaluator
+        holds it and asks the observer probe for the ground-truth score of each round."""
         if self.engine is None:
             with torch.no_grad():
-                return batch, self.model(batch["query_img"], batch["support_imgs"], batch["support_masks"]), None
-        query_mask = batch["query_mask"] if self.cfg.s2q_query_mask == "ground_truth" else None
+                return batch, self.model(batch["query_img"], batch["support_imgs"], batch["support_masks"]), None, None
+        ground_truth = self.cfg.s2q_query_mask == "ground_truth"
+        observer = GroundTruthScores(batch["query_mask"]) if self.cfg.s2q_gt_scores and not ground_truth else None
         result = self.engine.adapt(batch["query_img"], batch["support_imgs"], batch["support_masks"],
-                                   padding=batch["padding"], query_mask=query_mask)
-        return batch, result.zero_round, result
+                                   padding=batch["padding"], query_mask=batch["query_mask"] if ground_truth else None,
+                                   observer=observer)
+        gt_scores = result.round_scores if ground_truth else observer.scores if observer is not None else None
+        return batch, result.zero_round, result, gt_scores
+
+    def all_records(self, seed: int) -> list[dict]:
+        """Every rank's records of ``seed``, in episode order."""
+        return [r for _, r in sorted(RecordFile.read_all(sorted(self.out.glob(f"records_seed{seed}_rank*.jsonl"))).items())]
 
     def run_seed(self, seed_index: int, seed: int, dataset: EpisodeDataset) -> Scores:
         cfg, ctx, out = self.cfg, self.ctx, self.out
@@ -203,9 +217,10 @@ class Evaluator:
         bar = tqdm(loader, total=len(todo), desc=f"seed {seed}", disable=not ctx.main, dynamic_ncols=True)
         for index, raw in zip(todo, bar):
             start = time.perf_counter()
-            batch, zero, eft = self.episode(to_device(raw, ctx.device))
+            batch, zero, eft, gt_scores = self.episode(to_device(raw, ctx.device))
             seconds = time.perf_counter() - start
-            record = episode_record(index, batch, zero, eft, self.num_base)
+            record = episode_record(index, batch, zero, eft, self.num_base, gt_scores,
+                                    label_free=cfg.s2q_query_mask == "pseudo")
             record["seconds"] = seconds
             records.append(record)
             self.log_episode(step0 + index, seed_index, index, record, running, batch, zero, eft)
@@ -257,6 +272,31 @@ class Evaluator:
                 self.writer.add_scalar(f"rounds/s2q_score_seed{seed}", value, r)
             for r, value in enumerate(per_round_mean(scores.round_losses), start=1):
                 self.writer.add_scalar(f"rounds/loss_seed{seed}", value, r)
+
+
+    def analyse_rules(self, seeds: list[int]) -> tuple[dict, str]:
+        """Every selection rule on this run's episodes (main rank, after all records are in):
+        numbers and paired intervals per seed and pooled over seeds, for results.json, the table,
+        TensorBoard and the plots; and the compact per-rule counts the fold summary resamples."""
+        cfg, out = self.cfg, self.out
+        draws, seed = cfg.bootstrap_draws, cfg.bootstrap_seed
+        per_seed = {s: analyse_seed(self.all_records(s), self.num_novel, cfg.ft_number, draws, seed) for s in seeds}
+        pooled = analyse_pooled(per_seed, self.num_novel, cfg.ft_number, draws, seed)
+        save_rule_counts(out / COUNTS_FILE, per_seed, self.num_novel)
+        images = write_plots(out, per_seed, pooled)
+        if self.writer is not None:
+            for index, analysis in enumerate(per_seed.values()):
+                for tag, value in tensorboard_scalars(analysis, "rules").items():
+                    self.writer.add_scalar(tag, value, index)
+            for tag, value in tensorboard_scalars(pooled, "rules_pooled").items():
+                self.writer.add_scalar(tag, value, 0)
+            for name, image in images.items():
+                self.writer.add_image(f"plots/{name}", image, 0, dataformats="HWC")
+        results = {"rules": {"per_seed": {s: public(a) for s, a in per_seed.items()}, "pooled": public(pooled)},
+                   "bootstrap": {"draws": draws, "seed": seed, "level": DEFAULT_LEVEL,
+                                 "pooled_over_seeds": "episodes of all seeds as one sample, each seed resampled "
+                                                      "within itself"}}
+        return results, format_analysis(per_seed, pooled, draws, seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -316,6 +356,10 @@ def run(args: argparse.Namespace) -> dict:
         values = np.array([[s[method]["miou"], s[method]["fbiou"]] for s in per_seed.values()])
         results[method] = {"miou_mean": values[:, 0].mean(), "fbiou_mean": values[:, 1].mean(),
                            "miou_best": values[:, 0].max(), "fbiou_best": values[:, 1].max()}
+    rules_text = None
+    if ctx.main and cfg.loop_ft:
+        analysis, rules_text = evaluator.analyse_rules(seeds)
+        results.update(analysis)
     if ctx.main:
         table = format_table(per_seed, cfg.loop_ft)
         counts = sorted({s["episodes"] for s in per_seed.values()})
@@ -323,7 +367,8 @@ def run(args: argparse.Namespace) -> dict:
                   f"{'/'.join(map(str, counts))} episodes x {len(per_seed)} seeds"
         if cfg.loop_ft:
             heading += f"; EFTNet s2q query mask: {cfg.s2q_query_mask}"
-        text = "\n".join([heading, table] + [f"WARNING: {w}" for w in warnings])
+        text = "\n".join([heading, table] + (["", rules_text] if rules_text else [])
+                         + [f"WARNING: {w}" for w in warnings])
         print(text)
         write_text_atomic(out / "results.txt", text + "\n")
         write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=float))

@@ -84,7 +84,12 @@ def test_tensorboard_holds_the_results(full_run):
                 "rounds/s2q_score_seed510", "rounds/loss_seed510"):
         assert tag in tags["scalars"], tag
     assert "rounds/chosen_round_histogram" in tags["histograms"]
-    assert sorted(tags["images"]) == ["episodes/0000", "episodes/0001"]
+    assert sorted(tags["images"]) == ["episodes/0000", "episodes/0001", "plots/chosen_rounds", "plots/gains",
+                                      "plots/round_miou", "plots/round_s2q_scores", "plots/s2q_score_vs_iou"]
+    pooled = results["rules"]["pooled"]["rules"]
+    assert events.Scalars("rules_pooled/s2q/dmiou_low")[0].value == pytest.approx(
+        pooled["s2q"]["vs_zero"]["miou"]["low"], abs=1e-6)
+    assert [e.step for e in events.Scalars("rules/oracle/miou")] == [0, 1]
     for i, summary in enumerate(results["seeds"].values()):
         for method in ("zero", "eftnet"):
             logged = {e.step: e.value for e in events.Scalars(f"seed/miou_{method}")}
@@ -93,6 +98,46 @@ def test_tensorboard_holds_the_results(full_run):
     assert scores == pytest.approx(results["seeds"][510]["mean_round_scores"], abs=1e-6)
     running = events.Scalars("running/miou_eftnet")
     assert running[4].value == pytest.approx(results["seeds"][510]["eftnet"]["miou"], abs=1e-6)
+
+
+def test_every_selection_rule_is_reported(full_run):
+    results, out = full_run
+    pooled = results["rules"]["pooled"]
+    assert list(pooled["rules"]) == ["zero", "s2q", "s2q_gt", "last", "round_1", "round_2", "round_3", "oracle"]
+    assert pooled["episodes"] == 10 and pooled["with_gt_scores"]
+    for seed, summary in results["seeds"].items():
+        rules = results["rules"]["per_seed"][seed]["rules"]
+        # the label-free rule is the engine's own choice, and the zero round the base model
+        assert rules["s2q"]["miou"] == pytest.approx(summary["eftnet"]["miou"], abs=1e-12)
+        assert rules["zero"]["fbiou"] == pytest.approx(summary["zero"]["fbiou"], abs=1e-12)
+        assert rules["s2q"]["chosen_rounds"][1:] == summary["chosen_rounds"]
+        assert rules["s2q"]["vs_zero"]["draws"] == 2000
+    text = (out / "results.txt").read_text()
+    assert "all 2 seeds pooled: 10 episodes" in text and "oracle round *" in text
+    for name in ("round_miou", "round_s2q_scores", "chosen_rounds", "gains", "s2q_score_vs_iou"):
+        assert (out / f"plot_{name}.png").stat().st_size > 1000
+    assert (out / "episode_counts.json").is_file()
+
+
+def test_pseudo_mode_never_gives_the_engine_the_query_label(setup, full_run, monkeypatch):
+    """The engine sees no query label in pseudo mode (the observer asks for ground-truth scores
+    with a label the evaluator holds); and a forced single-round run equals the full run's
+    fixed round 1 (the trajectory does not depend on the selection)."""
+    from model.eftnet import EFTNet
+    root, path = setup
+    calls = []
+    adapt = EFTNet.adapt
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return adapt(self, *args, **kwargs)
+
+    monkeypatch.setattr(EFTNet, "adapt", spy)
+    one = run(path, root / "one_round", "ft_number", "1", "num_seeds", "1")
+    assert len(calls) == 5
+    assert all(c.get("query_mask") is None and c.get("observer") is not None for c in calls)
+    fixed = full_run[0]["rules"]["per_seed"][510]["rules"]["round_1"]
+    assert one["seeds"][510]["eftnet"]["miou"] == pytest.approx(fixed["miou"], abs=1e-12)
 
 
 def test_resume_gives_the_same_numbers(setup, full_run):
@@ -126,6 +171,14 @@ def test_base_only_and_ground_truth_modes(setup):
     truth = run(path, root / "truth", "s2q_query_mask", "ground_truth", "num_seeds", "1")
     assert truth["uses_query_labels"] is True
     assert "ground-truth label" in (root / "truth" / "results.txt").read_text()
+    # The label-free run's reference rule (s2q with the query's ground truth, asked of the
+    # observer probe) is exactly what a ground_truth run returns, on the same episodes.
+    full = json.loads((root / "full" / "results.json").read_text()) if (root / "full").is_dir() else \
+        run(path, root / "full")
+    reference_rule = full["rules"]["per_seed"]["510"]["rules"]["s2q_gt"]
+    assert reference_rule["miou"] == pytest.approx(truth["seeds"][510]["eftnet"]["miou"], abs=1e-12)
+    assert reference_rule["fbiou"] == pytest.approx(truth["seeds"][510]["eftnet"]["fbiou"], abs=1e-12)
+    assert "s2q" not in truth["rules"]["pooled"]["rules"]  # the ground_truth run has no label-free scores
     # the zero round is the plain base model whatever the EFTNet settings
     assert truth["seeds"][510]["zero"]["miou"] == pytest.approx(base["seeds"][510]["zero"]["miou"], abs=1e-12)
 

@@ -28,6 +28,9 @@ def test_meta_test_sh_on_two_demo_folds(tmp_path):
         assert (out / f"split{split}" / "tensorboard").is_dir()
     summary = (out / "summary.txt").read_text()
     assert "mIoU EFTNet" in summary and summary.count("\n") >= 5
+    # every selection rule over the folds, with the paired interval of the mean
+    assert "EFTNet s2q, label-free" in summary and "EFTNet s2q, query GT *" in summary
+    assert "95% interval" in summary and "a fold lacks" not in summary
     assert "mean |" in done.stdout
     assert (demo / "demo_manifest.json").exists()  # generated on first use
 

@@ -17,7 +17,6 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from util import plots
 from util.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, EpisodeCounts, concat, paired_bootstrap,
                             pooled_over_folds, pooled_over_seeds)
 from util.metrics import episode_counts
@@ -180,6 +179,8 @@ def tensorboard_scalars(analysis: dict, prefix: str) -> dict[str, float]:
 
 def write_plots(out: Path, per_seed: Mapping[int, dict], pooled: dict) -> dict[str, np.ndarray]:
     """The five PNGs of a run (all seeds together) in ``out``; returns them by name for TensorBoard."""
+    from util import plots  # matplotlib only where plots are drawn, not for every importer of the records
+
     analyses = list(per_seed.values())
     episodes = [e for a in analyses for e in a["_"]["episodes"]]
     with_gt, label_free = pooled["with_gt_scores"], pooled["with_label_free_scores"]

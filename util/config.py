@@ -56,6 +56,9 @@ SCHEMA: dict[str, Any] = {
     "base_width": 512,  # hidden width of the base learner's classifier (512 in every release)
     "s2q_query_mask": "pseudo",  # 'ground_truth' reproduces the reference (reads the query label)
     "q2s_blend": True,  # ablation: False = the q2s prediction uses the real supports only
+    "s2q_gt_scores": True,  # evaluation: also record each round's s2q score with the query label (never seen by the engine)
+    "bootstrap_draws": 2000,  # paired bootstrap draws of the selection-rule intervals
+    "bootstrap_seed": 2024,  # its fixed seed
     "similarity_cache_mb": 1024,  # EFTNet: memory for similarity products kept across rounds (0 = none)
     "kshot_order_quirk": True,  # reproduce MSANet's k-shot reweighting order bug
     "vgg_l2_last_shot_quirk": True,  # reproduce MSANet's VGG l2 correlation of the last shot
@@ -219,6 +222,7 @@ def _validate(cfg: CfgNode, where: str) -> None:
         (cfg.test_num >= 1, f"test_num must be >= 1, got {cfg.test_num}"),
         (cfg.num_seeds >= 1, f"num_seeds must be >= 1, got {cfg.num_seeds}"),
         (cfg.tb_images >= 0, f"tb_images must be >= 0, got {cfg.tb_images}"),
+        (cfg.bootstrap_draws >= 1000, f"bootstrap_draws must be >= 1000 (a 95% interval), got {cfg.bootstrap_draws}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}"),
     ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 
+from util.analysis import round_fields
 from util.metrics import BaseClassMeter, FewShotMeter, episode_counts
 
 FIXED_SEED = 321  # EFTNet appends this seed to the drawn ones
@@ -48,8 +49,12 @@ def _counts(logits: torch.Tensor, label: torch.Tensor, classes: int) -> list[lis
     return [c.tolist() for c in episode_counts(logits, label, classes)]
 
 
-def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int) -> dict:
-    """Counts of one episode for the base model (``zero``) and, if run, EFTNet (``eft``)."""
+def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int,
+                   gt_scores: Optional[list[float]] = None, label_free: bool = True) -> dict:
+    """Counts of one episode for the base model (``zero``) and, if run, EFTNet (``eft``): also
+    every round's counts (so that every selection rule can be measured on the same episodes) and
+    the ground-truth s2q scores ``gt_scores`` when recorded; ``label_free`` says whether the
+    engine's own scores used the pseudo label."""
     label, base_label = batch["query_mask_orig"][0], batch["query_base_orig"][0]
     record = {"episode": index, "class_idx": int(batch["class_idx"]),
               "zero": {"final": _counts(zero.final, label, 2), "meta": _counts(zero.meta, label, 2)},
@@ -57,7 +62,8 @@ def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int) ->
     if eft is not None:
         record["eftnet"] = {"final": _counts(eft.final, label, 2), "meta": _counts(eft.meta, label, 2)}
         record["rounds"] = {"scores": eft.round_scores, "chosen": eft.chosen_round, "losses": eft.losses,
-                            "stopped_early": eft.stopped_early}
+                            "stopped_early": eft.stopped_early,
+                            **round_fields(eft.rounds, label, gt_scores, label_free)}
     return record
 
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
+from util.analysis import COUNTS_FILE, folds_comparison, load_rule_counts, rule_label
+from util.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED
 from util.errors import DataError, user_errors
+from util.published import comparison_table
 
 REQUIRED = ("split", "zero")  # keys every results.json of meta_test.py holds
 
@@ -34,6 +38,81 @@ def fold_table(results: list[dict]) -> str:
     # A fold's warnings travel with its numbers: the summary is never read without them.
     warnings = [f"WARNING (fold {r['split']}): {w}" for r in results for w in r.get("warnings", [])]
     return "\n".join(rows + sorted(notes) + list(dict.fromkeys(warnings)))
+
+
+def rules_table(results: list[dict], counts: list[Optional[dict]]) -> Optional[str]:
+    """Every selection rule against the zero round over the folds: each fold's difference
+    (its seeds pooled) and the mean over folds with its paired interval (each fold resampled on
+    its own). ``counts[i]``: fold i's per-rule counts (episode_counts.json), None if missing."""
+    if not all("rules" in r for r in results):
+        return None
+    pooled = [r["rules"]["pooled"]["rules"] for r in results]
+    names = [n for n in pooled[0] if n != "zero" and all(n in p for p in pooled)]
+    draws = results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS)
+    seed = results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)
+    have_counts = all(c is not None for c in counts)
+    head = (f"{'rule: dmIoU vs zero round':<28} | " + " ".join(f"{'fold ' + str(r['split']):>7}" for r in results)
+            + f" | {'mean':>7} {'95% interval':>16} | {'dFB mean':>8} {'95% interval':>16}")
+    lines = [head, "-" * len(head)]
+    for name in names:
+        cells = " ".join(f"{100 * p[name]['vs_zero']['miou']['point']:+7.2f}" for p in pooled)
+        line = f"{rule_label(name, pooled[0][name]):<28} | {cells} |"
+        both = folds_comparison(counts, name, draws, seed) if have_counts else None
+        if both is None:
+            mean = sum(p[name]["vs_zero"]["miou"]["point"] for p in pooled) / len(pooled)
+            line += f" {100 * mean:+7.2f} {'-':>16} | {'-':>8} {'-':>16}"
+        else:
+            m, f = both["miou"], both["fbiou"]
+            line += (f" {100 * m['point']:+7.2f} [{100 * m['low']:+6.2f},{100 * m['high']:+6.2f}] |"
+                     f" {100 * f['point']:+8.2f} [{100 * f['low']:+6.2f},{100 * f['high']:+6.2f}]")
+        lines.append(line)
+    lines.append(f"* reads the query's labels. Per fold: all seeds pooled. Mean over folds: paired bootstrap, "
+                 f"each fold resampled on its own, {draws} draws, seed {seed}"
+                 + ("" if have_counts else f"; no interval: a fold lacks its {COUNTS_FILE}") + ".")
+    return "\n".join(lines)
+
+
+def published_table(results: list[dict], counts: list[Optional[dict]]) -> Optional[str]:
+    """Ours beside the papers' numbers, for PASCAL and COCO runs of one setting."""
+    settings = {(r["data_set"], r["arch"], r["backbone"], r["shot"]) for r in results}
+    if len(settings) != 1 or next(iter(settings))[0] not in ("pascal", "coco"):
+        return None
+    data_set, arch, backbone, shot = next(iter(settings))
+    ours = {r["split"]: {m: r[m]["miou_mean"] for m in ("zero", "eftnet") if m in r} for r in results}
+    fold_intervals, mean_interval = {}, None
+    rule = "s2q_gt" if results[0].get("uses_query_labels") else "s2q"
+    for r in results:
+        entry = r.get("rules", {}).get("pooled", {}).get("rules", {}).get(rule)
+        if entry:
+            fold_intervals[r["split"]] = (entry["vs_zero"]["miou"]["low"], entry["vs_zero"]["miou"]["high"])
+    if sorted(ours) == [0, 1, 2, 3] and all(c is not None for c in counts):
+        both = folds_comparison(counts, rule, results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS),
+                                results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED))
+        if both is not None:
+            mean_interval = (both["miou"]["low"], both["miou"]["high"])
+    return comparison_table(data_set, arch, backbone, shot, ours, fold_intervals, mean_interval)
+
+
+def read_counts(results_path: str | Path) -> Optional[dict]:
+    """The per-rule counts meta_test.py wrote beside a results.json; None if absent."""
+    path = Path(results_path).with_name(COUNTS_FILE)
+    if not path.is_file():
+        return None
+    try:
+        return load_rule_counts(path)
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+        raise DataError(f"{path} is not an {COUNTS_FILE} written by meta_test.py") from None
+
+
+def summary(paths: list[str | Path]) -> str:
+    """The fold table, the selection rules over folds and, for PASCAL/COCO, the papers' numbers."""
+    results = [read_results(p) for p in paths]
+    counts = [read_counts(p) for p in paths]
+    parts = [fold_table(results)]
+    for extra in (rules_table(results, counts), published_table(results, counts)):
+        if extra:
+            parts.append(extra)
+    return "\n\n".join(parts)
 
 
 def read_results(path: str | Path) -> dict:
@@ -65,7 +144,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
     with user_errors("util/report.py", args.debug):
-        table = fold_table([read_results(p) for p in args.results])
+        table = summary(args.results)
     print(table)
     return table
 
