@@ -26,7 +26,6 @@ from typing import Optional
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from model import build_model
@@ -37,7 +36,7 @@ from util.analysis import (COUNTS_FILE, GroundTruthScores, analyse_pooled, analy
 from util.bootstrap import DEFAULT_LEVEL
 from util.checkpoint import checkpoint_path, file_sha256, load_weights
 from util.config import backbone_name, config_summary, config_warnings, load_config, repo_path
-from util.dataset import EpisodeDataset, build_episode_dataset, episode_file_path
+from util.dataset import EpisodeDataset, build_episode_dataset, episode_file_path, episode_loader
 from util.demo_data import ensure_demo_present
 from util.episodes import Episode, load_episodes, save_episodes
 from util.errors import OutputError, user_errors
@@ -210,8 +209,7 @@ class Evaluator:
         mine = [i for i in range(len(dataset)) if i % ctx.world == ctx.rank]
         todo = [i for i in mine if i not in done]
         records = RecordFile(out / f"records_seed{seed}_rank{ctx.rank}.jsonl")
-        loader = DataLoader(Subset(dataset, todo), batch_size=None, shuffle=False,
-                            num_workers=min(cfg.workers, 4))
+        loader = episode_loader(dataset, todo, min(cfg.workers, 4), ctx.device)
         running = {"zero": FewShotMeter(self.num_novel), "eftnet": FewShotMeter(self.num_novel)}
         step0 = seed_index * len(dataset)
         bar = tqdm(loader, total=len(todo), desc=f"seed {seed}", disable=not ctx.main, dynamic_ncols=True)

@@ -28,7 +28,8 @@ def setup(tmp_path_factory):
                        "lists_root": str(root / "demo" / "lists"), "val_size": 97},
               "Method": {"backbone": "mobilenetv2", "reduce_dim": 32, "base_width": 32},
               "Test_Finetune": {"weight_path": str(root / "weights.pth"), "test_num": 5, "num_seeds": 2,
-                                "workers": 0, "sr_aux_weight1": 1.0, "tb_images": 2, "ft_number": 3}}
+                                "workers": 0, "sr_aux_weight1": 1.0, "tb_images": 2, "ft_number": 3,
+                                "s2q_gt_scores": True}}
     path = root / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
     torch.manual_seed(0)
