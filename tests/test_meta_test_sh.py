@@ -44,3 +44,26 @@ def test_meta_test_sh_bad_input_is_one_message(tmp_path):
     assert "Traceback" not in output
     assert "meta_test.py: error: unknown config key 'shto' in --opts; did you mean" in output
     assert not (tmp_path / "exp" / "demo" / "mobilenetv2_1shot" / "bad" / "summary.txt").exists()
+
+
+@pytest.mark.skipif(not (REPO / "weights" / "demo" / "split0" / "mobilenetv2" / "demo_split0.pth").exists(),
+                    reason="the committed demo checkpoints are missing")
+def test_ablation_sh_gives_one_table_of_variants(tmp_path):
+    demo = tmp_path / "demo"
+    env = {**os.environ, "OPTS": f"test_num 3 num_seeds 1 workers 0 data_root {demo} lists_root {demo}/lists",
+           "EXP": str(tmp_path / "exp"), "VARIANTS": "reference:\nno_q2s: q2s_blend False"}
+    done = subprocess.run(["bash", "ablation.sh", "demo", "mobilenetv2", "1", "0"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    root = tmp_path / "exp" / "demo" / "mobilenetv2_1shot"
+    reference = json.loads((root / "ablation_reference" / "split0" / "results.json").read_text())
+    no_q2s = json.loads((root / "ablation_no_q2s" / "split0" / "results.json").read_text())
+    def setting(variant: str) -> bool:
+        return json.loads((root / variant / "split0" / "config.json").read_text())["config"]["q2s_blend"]
+    assert setting("ablation_reference") is True and setting("ablation_no_q2s") is False
+    rows = {line.split("|")[0].strip(): line for line in (root / "ablation.txt").read_text().splitlines()}
+    assert {"reference", "no discrimination (last)", "no_q2s"} <= set(rows)
+    for name, results, rule in (("reference", reference, "s2q"), ("no discrimination (last)", reference, "last"),
+                                ("no_q2s", no_q2s, "s2q")):
+        gain = 100 * results["rules"]["pooled"]["rules"][rule]["vs_zero"]["miou"]["point"]
+        assert f"{gain:+7.2f}" in rows[name].split("|")[1]

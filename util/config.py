@@ -57,7 +57,7 @@ SCHEMA: dict[str, Any] = {
     "s2q_query_mask": "pseudo",  # 'ground_truth' reproduces the reference (reads the query label)
     "q2s_blend": True,  # ablation: False = the q2s prediction uses the real supports only
     # evaluation: also record each round's s2q score with the query label (the reference's selection;
-    # never seen by the engine); costs +11 % per episode at 201 px 1-shot, +16-17 % at 473 px or 5-shot
+    # never seen by the engine); costs +11 % per episode at 201 px 1-shot, +16 % at 473 px, +42 % at 473 px 5-shot
     "s2q_gt_scores": False,
     "bootstrap_draws": 2000,  # paired bootstrap draws of the selection-rule intervals
     "bootstrap_seed": 2024,  # its fixed seed

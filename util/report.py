@@ -1,6 +1,7 @@
 """Table of several folds' results (the ``results.json`` files meta_test.py writes) and their mean.
 
     python -m util.report exp/demo/.../split0/results.json exp/demo/.../split1/results.json ...
+    python -m util.report --ablation exp/demo/mobilenetv2_1shot      (the runs of ablation.sh)
 """
 from __future__ import annotations
 
@@ -50,26 +51,65 @@ def rules_table(results: list[dict], counts: list[Optional[dict]]) -> Optional[s
     names = [n for n in pooled[0] if n != "zero" and all(n in p for p in pooled)]
     draws = results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS)
     seed = results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)
-    have_counts = all(c is not None for c in counts)
-    head = (f"{'rule: dmIoU vs zero round':<28} | " + " ".join(f"{'fold ' + str(r['split']):>7}" for r in results)
-            + f" | {'mean':>7} {'95% interval':>16} | {'dFB mean':>8} {'95% interval':>16}")
+    head = _rules_head("rule: dmIoU vs zero round", results)
     lines = [head, "-" * len(head)]
     for name in names:
-        cells = " ".join(f"{100 * p[name]['vs_zero']['miou']['point']:+7.2f}" for p in pooled)
-        line = f"{rule_label(name, pooled[0][name]):<28} | {cells} |"
-        both = folds_comparison(counts, name, draws, seed) if have_counts else None
-        if both is None:
-            mean = sum(p[name]["vs_zero"]["miou"]["point"] for p in pooled) / len(pooled)
-            line += f" {100 * mean:+7.2f} {'-':>16} | {'-':>8} {'-':>16}"
-        else:
-            m, f = both["miou"], both["fbiou"]
-            line += (f" {100 * m['point']:+7.2f} [{100 * m['low']:+6.2f},{100 * m['high']:+6.2f}] |"
-                     f" {100 * f['point']:+8.2f} [{100 * f['low']:+6.2f},{100 * f['high']:+6.2f}]")
-        lines.append(line)
+        lines.append(_rule_row(rule_label(name, pooled[0][name]), name, pooled, counts, draws, seed))
     lines.append(f"* reads the query's labels. Per fold: all seeds pooled. Mean over folds: paired bootstrap, "
                  f"each fold resampled on its own, {draws} draws, seed {seed}"
-                 + ("" if have_counts else f"; no interval: a fold lacks its {COUNTS_FILE}") + ".")
+                 + ("" if all(c is not None for c in counts) else f"; no interval: a fold lacks its {COUNTS_FILE}")
+                 + ".")
     return "\n".join(lines)
+
+
+def _rules_head(title: str, results: list[dict]) -> str:
+    return (f"{title:<28} | " + " ".join(f"{'fold ' + str(r['split']):>7}" for r in results)
+            + f" | {'mean':>7} {'95% interval':>16} | {'dFB mean':>8} {'95% interval':>16}")
+
+
+def _rule_row(label: str, name: str, pooled: list[dict], counts: list[Optional[dict]], draws: int, seed: int) -> str:
+    """One rule against the zero round: each fold's difference, the mean over folds and its
+    paired interval (none when a fold lacks its per-rule counts)."""
+    cells = " ".join(f"{100 * p[name]['vs_zero']['miou']['point']:+7.2f}" for p in pooled)
+    line = f"{label:<28} | {cells} |"
+    both = folds_comparison(counts, name, draws, seed) if all(c is not None for c in counts) else None
+    if both is None:
+        mean = sum(p[name]["vs_zero"]["miou"]["point"] for p in pooled) / len(pooled)
+        return line + f" {100 * mean:+7.2f} {'-':>16} | {'-':>8} {'-':>16}"
+    m, f = both["miou"], both["fbiou"]
+    return line + (f" {100 * m['point']:+7.2f} [{100 * m['low']:+6.2f},{100 * m['high']:+6.2f}] |"
+                   f" {100 * f['point']:+8.2f} [{100 * f['low']:+6.2f},{100 * f['high']:+6.2f}]")
+
+
+def ablation_table(variants: dict[str, list[str | Path]]) -> str:
+    """EFTNet (its s2q selection) against the base model for each variant's folds, one row a
+    variant, plus "no discrimination" (the reference variant's last round, same run)."""
+    rows, head = [], None
+    for variant, paths in variants.items():
+        results = [read_results(p) for p in paths]
+        counts = [read_counts(p) for p in paths]
+        if not all("rules" in r for r in results):
+            raise DataError(f"ablation variant {variant}: its results.json files lack the selection rules "
+                            "(written by an older meta_test.py): rerun it")
+        pooled = [r["rules"]["pooled"]["rules"] for r in results]
+        rule = "s2q_gt" if results[0].get("uses_query_labels") else "s2q"
+        draws = results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS)
+        seed = results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)
+        head = head or _rules_head("variant: dmIoU vs base model", results)
+        rows.append(_rule_row(variant, rule, pooled, counts, draws, seed))
+        if variant == "reference":
+            rows.append(_rule_row("no discrimination (last)", "last", pooled, counts, draws, seed))
+    return "\n".join([head, "-" * len(head), *rows,
+                      "Each row: EFTNet's round selection against the zero round of the same run; the mean over "
+                      "folds with a paired bootstrap interval (each fold resampled on its own)."])
+
+
+def ablation_runs(root: str | Path) -> dict[str, list[Path]]:
+    """The variants that ablation.sh ran under ``root``: {variant: [results.json per fold]}."""
+    folders = sorted(Path(root).glob("ablation_*"))
+    if not folders:
+        raise FileNotFoundError(f"no ablation_* folders under {root} (run ablation.sh first)")
+    return {f.name[len("ablation_"):]: sorted(f.glob("split*/results.json")) for f in folders}
 
 
 def published_table(results: list[dict], counts: list[Optional[dict]]) -> Optional[str]:
@@ -140,11 +180,14 @@ def _row(name: str, v: list[float], with_eftnet: bool) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="results.json files, one per fold")
+    parser.add_argument("results", nargs="*", help="results.json files, one per fold")
+    parser.add_argument("--ablation", metavar="ROOT", help="the ablation table of ablation.sh's runs under ROOT")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
+    if bool(args.results) == bool(args.ablation):
+        parser.error("give results.json files, or --ablation ROOT")
     with user_errors("util/report.py", args.debug):
-        table = summary(args.results)
+        table = ablation_table(ablation_runs(args.ablation)) if args.ablation else summary(args.results)
     print(table)
     return table
 
