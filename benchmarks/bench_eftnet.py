@@ -110,13 +110,13 @@ def main() -> None:
             print(f"{arch:>6} {backbone:>9} {size:>4} {shot:>4} failed: {child.stderr.strip().splitlines()[-1:]}")
             continue
         r = json.loads(child.stdout.strip().splitlines()[-1])
-        line = (f"{arch:>6} {backbone:>9} {size:>4} {shot:>4} {r['base_s']:7.2f} {r['eft_s']:8.2f} "
+        line = (f"{arch:>6} {backbone:>9} {size:>4} {shot:>4} {r['base_s']:7.3f} {r['eft_s']:8.3f} "
                 f"{r['eft_s'] / r['base_s']:6.2f} {r['base_mb']:8.0f} {r['eft_mb']:9.0f} "
                 f"{r['eft_mb'] - r['base_mb']:8.0f}")
         if args.direct:
-            line += f" {r['direct_s']:8.2f} {r['direct_s'] / r['base_s']:6.2f}"
+            line += f" {r['direct_s']:8.3f} {r['direct_s'] / r['base_s']:6.2f}"
         if args.probe:
-            line += f" {r['probe_s']:8.2f} {100 * (r['probe_s'] / r['eft_s'] - 1):+5.0f}%"
+            line += f" {r['probe_s']:8.3f} {100 * (r['probe_s'] / r['eft_s'] - 1):+5.0f}%"
         print(line, flush=True)
 
 
