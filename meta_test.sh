@@ -4,6 +4,10 @@
 #   bash meta_test.sh                                  # the built-in demo: 4 folds, 1-shot
 #   bash meta_test.sh pascal resnet50 1 0 1 2 3        # dataset backbone shot splits...
 #   OPTS="s2q_query_mask ground_truth" bash meta_test.sh pascal vgg 1
+#   OPTS="s2q_gt_scores True" bash meta_test.sh pascal resnet50 1   # also report the reference's round
+#       selection on the same episodes (an evaluation-only s2q pass with the query label: +16 % time at
+#       473 px 1-shot, +42 % at 5-shot; on by default in the demo configs)
+#   bash ablation.sh [dataset backbone shot splits...]            # the module ablations, one table
 #
 # OPTS: extra config overrides passed to every run (key value ...).
 # TAG:  suffix of the output folder, to keep variants apart (default: derived from OPTS).
