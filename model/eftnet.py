@@ -33,8 +33,8 @@ from torch import Tensor
 
 from model.backbones import Features
 from model.base import FewShotModel, Guidance, Prediction, ShotStats
-from model.similarity import CacheBudget
 from model.contract import check_adapt_inputs
+from model.similarity import CacheBudget
 
 IGNORE = 255
 IOU_EPS = 1e-10
