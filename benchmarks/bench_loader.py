@@ -53,7 +53,8 @@ def main() -> None:
         print(f"{args.config}, {len(indices)} episodes, {'one core busy' if busy else 'idle machine'}")
         print(f"{'threads':>7} {'workers':>7} {'loop ep/s':>9} {'engine ep/s':>11} {'ratio':>6}")
         for threads in args.threads:
-            torch.set_num_threads(threads)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
             in_memory = [dataset[i] for i in indices]
             episodes_per_second(engine, in_memory[:1], 1)   # warm-up
             alone = episodes_per_second(engine, in_memory, len(indices))

@@ -18,6 +18,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from util.errors import DataError
+
+# OpenCV's own thread pool: one image at a time needs none (loader workers give the parallelism),
+# it would compete with the engine's threads, and a pool started in the main process leaves
+# forked loader workers hanging in their first resize.
+cv2.setNumThreads(1)
 from util.episodes import Episode, load_episodes, make_episodes
 from util.lists import (Pair, build_fss_lists, read_data_list, read_label,
                         read_sub_class_file_list)
@@ -244,14 +249,8 @@ def build_episode_dataset(cfg, seed: int) -> tuple[EpisodeDataset, list[Episode]
     return dataset, episodes
 
 
-def _worker_init(_: int) -> None:
-    # One thread per loader worker: the engine's threads get the cores (PyTorch already limits
-    # its own threads in workers; OpenCV's resize would otherwise start one per core).
-    cv2.setNumThreads(1)
-
-
 def episode_loader(dataset: EpisodeDataset, indices: list[int], workers: int, device: torch.device) -> DataLoader:
     """The episodes ``indices`` of ``dataset`` in order, one at a time (``batch_size=None``),
     loaded by ``workers`` processes ahead of the engine; pinned memory for CUDA copies."""
     return DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None)
+                      pin_memory=device.type == "cuda")

@@ -109,7 +109,8 @@ def ablation_runs(root: str | Path) -> dict[str, list[Path]]:
     folders = sorted(Path(root).glob("ablation_*"))
     if not folders:
         raise FileNotFoundError(f"no ablation_* folders under {root} (run ablation.sh first)")
-    return {f.name[len("ablation_"):]: sorted(f.glob("split*/results.json")) for f in folders}
+    runs = {f.name[len("ablation_"):]: sorted(f.glob("split*/results.json")) for f in folders}
+    return dict(sorted(runs.items(), key=lambda item: (item[0] != "reference", item[0])))  # reference first
 
 
 def published_table(results: list[dict], counts: list[Optional[dict]]) -> Optional[str]:
