@@ -21,10 +21,11 @@ import train
 from model import build_model
 from util import demo_data, get_mulway_base_data, report
 from util.config import load_config
-from util.demo_data import generate_demo
 from util.episodes import load_episodes, save_episodes
 from util.errors import DataError, describe
 from util.evaluation import per_round_mean
+
+from tests.tiny_demo import tiny_demo
 
 
 
@@ -32,17 +33,8 @@ from util.evaluation import per_round_mean
 def setup(tmp_path_factory):
     """A tiny demo benchmark, its config, a random-weight checkpoint and one finished run."""
     root = tmp_path_factory.mktemp("errors")
-    generate_demo(root / "demo", seed=0, num_train=8, num_val=60, size=128)
-    config = {"Data": {"data_set": "demo", "split": 0, "data_root": str(root / "demo"),
-                       "lists_root": str(root / "demo" / "lists"), "val_size": 97},
-              "Method": {"backbone": "mobilenetv2", "reduce_dim": 16, "base_width": 16},
-              "Test_Finetune": {"weight_path": str(root / "weights.pth"), "test_num": 2, "num_seeds": 1,
-                                "workers": 0, "tb_images": 0, "ft_number": 2}}
-    path = root / "demo.yaml"
-    path.write_text(yaml.safe_dump(config))
-    torch.manual_seed(0)
-    model = build_model(load_config(path))
-    torch.save({"epoch": 1, "state_dict": model.state_dict()}, root / "weights.pth")
+    path = tiny_demo(root, {"reduce_dim": 16, "base_width": 16},
+                     {"test_num": 2, "num_seeds": 1, "workers": 0, "tb_images": 0, "ft_number": 2})
     done = root / "done"
     meta_test.main(["--config", str(path), "--exp-dir", str(done)])
     return root, path, done

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import meta_test
-from model import build_model
-from util.config import load_config
-from util.demo_data import generate_demo
+from tests.tiny_demo import tiny_demo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,20 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 def setup(tmp_path_factory):
     """A tiny demo benchmark, a config for it and a random-weight checkpoint."""
     root = tmp_path_factory.mktemp("meta_test")
-    generate_demo(root / "demo", seed=0, num_train=8, num_val=60, size=128)
-    config = {"Data": {"data_set": "demo", "split": 0, "data_root": str(root / "demo"),
-                       "lists_root": str(root / "demo" / "lists"), "val_size": 97},
-              "Method": {"backbone": "mobilenetv2", "reduce_dim": 32, "base_width": 32},
-              "Test_Finetune": {"weight_path": str(root / "weights.pth"), "test_num": 5, "num_seeds": 2,
-                                "workers": 0, "sr_aux_weight1": 1.0, "tb_images": 2, "ft_number": 3,
-                                "s2q_gt_scores": True}}
-    path = root / "demo.yaml"
-    path.write_text(yaml.safe_dump(config))
-    torch.manual_seed(0)
-    model = build_model(load_config(path))
-    with torch.no_grad():  # a fg bias so that predictions mix foreground and background
-        model.cls_meta[3].bias.copy_(torch.tensor([0.0, 1.0]))
-    torch.save({"epoch": 1, "state_dict": model.state_dict()}, root / "weights.pth")
+    path = tiny_demo(root, {"reduce_dim": 32, "base_width": 32},
+                     {"test_num": 5, "num_seeds": 2, "workers": 0, "sr_aux_weight1": 1.0, "tb_images": 2,
+                      "ft_number": 3, "s2q_gt_scores": True}, foreground_bias=1.0)
     return root, path
 
 

@@ -41,6 +41,16 @@ def _finish(figure: Figure, path: str | Path) -> np.ndarray:
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
+def _finish_line_plot(figure: Figure, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> np.ndarray:
+    """Axis labels, title, light grid and legend of a line or scatter plot, then ``_finish``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(figure, path)
+
+
 def round_iou(path: str | Path, per_round: Sequence[float], marks: Mapping[str, float],
               ylabel: str = "class mIoU (%)") -> np.ndarray:
     """Mean query IoU of rounds 0 (zero round) .. N as a line, and each selection rule's value
@@ -53,12 +63,7 @@ def round_iou(path: str | Path, per_round: Sequence[float], marks: Mapping[str, 
         ax.axhline(value, linestyle="--", color=colours(i), label=f"{name} ({value:.2f})")
     ax.set_xticks(rounds)
     ax.set_xticklabels(["zero"] + [str(r) for r in rounds[1:]])
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.set_title("query IoU per fine-tuning round")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _finish(figure, path)
+    return _finish_line_plot(figure, ax, path, "round", ylabel, "query IoU per fine-tuning round")
 
 
 def round_scores(path: str | Path, pseudo: Optional[Sequence[float]],
@@ -73,12 +78,7 @@ def round_scores(path: str | Path, pseudo: Optional[Sequence[float]],
         ax.plot(np.arange(1, len(ground_truth) + 1), ground_truth, marker="s",
                 label="query ground truth (reads labels)")
     ax.set_xticks(rounds)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean s2q score (support IoU)")
-    ax.set_title("s2q score per round")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _finish(figure, path)
+    return _finish_line_plot(figure, ax, path, "round", "mean s2q score (support IoU)", "s2q score per round")
 
 
 def chosen_rounds(path: str | Path, histograms: Mapping[str, Sequence[int]]) -> np.ndarray:
@@ -128,12 +128,8 @@ def score_vs_iou(path: str | Path, scores: Sequence[float], ious: Sequence[float
         gt_scores = np.asarray(gt_scores, dtype=np.float64)
         ax.scatter(gt_scores, ious, s=6, alpha=0.4, marker="x",
                    label=f"ground truth (r = {_correlation(gt_scores, ious)})")
-    ax.set_xlabel("s2q score")
-    ax.set_ylabel("query foreground IoU")
-    ax.set_title("does the s2q score track query quality?")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _finish(figure, path)
+    return _finish_line_plot(figure, ax, path, "s2q score", "query foreground IoU",
+                             "does the s2q score track query quality?")
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> str:
