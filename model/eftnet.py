@@ -7,7 +7,7 @@ query-to-support (q2s) guidance (real supports blended with the query under its 
 confident pseudo mask), and takes one SGD step towards the previous round's prediction.
 The round with the best s2q score is the answer; then the parameters are restored.
 
-Reference behaviour kept on purpose (spec/eftnet_reference.md, section 2):
+Reference behaviour kept on purpose (docs/reference_behaviour.md, section 2):
 - a round's score and prediction come from the weights *before* its step, so the last
   step is never used (and is skipped here);
 - round 1 is always accepted (scores start at 0, compared with ``>=``) and ties go to the
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +33,9 @@ from torch import Tensor
 
 from model.backbones import Features
 from model.base import FewShotModel, Guidance, Prediction, ShotStats
-from model.contract import check_adapt_inputs
+from model.contract import IGNORE, check_adapt_inputs
 from model.similarity import CacheBudget
 
-IGNORE = 255
 IOU_EPS = 1e-10
 DEFAULT_CACHE_MB = 1024
 
@@ -112,28 +111,56 @@ def foreground_iou(final: Tensor, mask: Tensor) -> Tensor:
     return inter / (union + IOU_EPS)
 
 
-class EFTNet:
-    """Fine-tunes ``base_model``'s meta learner on each episode's query; adds no parameters."""
+@dataclass(frozen=True)
+class EFTNetSettings:
+    """EFTNet's hyper-parameters; the defaults are the reference's PASCAL values. The config
+    key of each field is in brackets (``from_config``)."""
 
-    def __init__(self, base_model: FewShotModel, cfg):
-        self.model = base_model
-        self.rounds = int(cfg.ft_number)
-        self.base_lr = float(cfg.ft_base_lr)
-        self.power = float(cfg.ft_power)
-        self.momentum = float(cfg.momentum)
-        self.weight_decay = float(cfg.weight_decay)
-        self.aux_weight = float(cfg.sr_aux_weight1)
-        self.weights = tuple(float(w) for w in cfg.change_weighting)
-        self.fraction = float(cfg.q2s_filt_para)
-        self.query_mask_source = cfg.s2q_query_mask
-        self.q2s_blend = bool(getattr(cfg, "q2s_blend", True))   # False: the q2s ablation
-        # Bytes of similarity products kept across rounds (same outputs; past it, recomputed;
-        # 0: every round matches directly, as before the tables existed).
-        self.cache_bytes = int(float(getattr(cfg, "similarity_cache_mb", DEFAULT_CACHE_MB)) * 2**20)
+    rounds: int = 5                                   # [ft_number] fine-tuning rounds
+    base_lr: float = 0.005                            # [ft_base_lr] poly schedule over the rounds
+    power: float = 0.9                                # [ft_power]
+    momentum: float = 0.9                             # [momentum] SGD
+    weight_decay: float = 1e-4                        # [weight_decay] SGD
+    aux_weight: float = 1.0                           # [sr_aux_weight1] weight of the meta output's loss
+    blend: tuple[float, float] = (0.8, 0.2)           # [change_weighting] real supports, same image
+    q2s_fraction: float = 0.2                         # [q2s_filt_para] confident foreground kept
+    query_mask_source: str = "pseudo"                 # [s2q_query_mask] pseudo or ground_truth
+    q2s_blend: bool = True                            # [q2s_blend] False: the q2s ablation
+    # [similarity_cache_mb] similarity products kept across rounds (same outputs; past it they
+    # are recomputed; 0: every round matches directly)
+    similarity_cache_mb: float = DEFAULT_CACHE_MB
+
+    KEYS = {"rounds": "ft_number", "base_lr": "ft_base_lr", "power": "ft_power", "momentum": "momentum",
+            "weight_decay": "weight_decay", "aux_weight": "sr_aux_weight1", "blend": "change_weighting",
+            "q2s_fraction": "q2s_filt_para", "query_mask_source": "s2q_query_mask", "q2s_blend": "q2s_blend",
+            "similarity_cache_mb": "similarity_cache_mb"}
+
+    def __post_init__(self):
         if self.rounds < 1:
             raise ValueError(f"ft_number must be >= 1 for EFTNet, got {self.rounds}")
         if self.query_mask_source not in ("pseudo", "ground_truth"):
             raise ValueError(f"s2q_query_mask must be 'pseudo' or 'ground_truth', got {self.query_mask_source!r}")
+        if len(self.blend) != 2:
+            raise ValueError(f"change_weighting must be two numbers [real, same-image], got {self.blend!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "EFTNetSettings":
+        """The settings of a loaded config (attribute access by the config key names)."""
+        values = {name: getattr(cfg, key) for name, key in cls.KEYS.items()}
+        return cls(rounds=int(values["rounds"]), base_lr=float(values["base_lr"]), power=float(values["power"]),
+                   momentum=float(values["momentum"]), weight_decay=float(values["weight_decay"]),
+                   aux_weight=float(values["aux_weight"]), blend=tuple(float(w) for w in values["blend"]),
+                   q2s_fraction=float(values["q2s_fraction"]), query_mask_source=values["query_mask_source"],
+                   q2s_blend=bool(values["q2s_blend"]), similarity_cache_mb=float(values["similarity_cache_mb"]))
+
+
+class EFTNet:
+    """Fine-tunes ``base_model``'s meta learner on each episode's query; adds no parameters.
+    ``settings``: an :class:`EFTNetSettings`, or a loaded config (read by ``from_config``)."""
+
+    def __init__(self, base_model: FewShotModel, settings: Any):
+        self.model = base_model
+        self.settings = settings if isinstance(settings, EFTNetSettings) else EFTNetSettings.from_config(settings)
         self.groups = [list(m.parameters()) for m in base_model.adapted_modules()]
         self.params = [p for group in self.groups for p in group]
 
@@ -148,7 +175,7 @@ class EFTNet:
         check_adapt_inputs(self.model, query_img, support_imgs, support_masks, padding, query_mask)
         if query_img.shape[0] != 1:
             raise ValueError(f"EFTNet adapts one episode at a time (batch size 1), got a batch of {query_img.shape[0]}")
-        if self.query_mask_source == "ground_truth" and query_mask is None:
+        if self.settings.query_mask_source == "ground_truth" and query_mask is None:
             raise ValueError("s2q_query_mask is 'ground_truth' but no query_mask was given")
         with self._episode():
             return self._adapt_episode(query_img, support_imgs[0], support_masks, padding, query_mask, observer)
@@ -185,7 +212,8 @@ class EFTNet:
             pairs = ShotStats.cat([model.match(supports[k:k + 1], supports, support_masks)
                                    for k in range(supports.batch)], dim=0)
             zero = model.decode(query, model.guide(real, model.embed(supports)[None]))
-        budget = CacheBudget(self.cache_bytes) if self.cache_bytes > 0 else None   # None: match directly
+        cache_bytes = int(self.settings.similarity_cache_mb * 2**20)
+        budget = CacheBudget(cache_bytes) if cache_bytes > 0 else None   # None: match directly
         # Only the query's masks change between rounds: as a support of itself (q2s) and of each support (s2q).
         state = _State(query, supports, support_masks, real, pairs,
                        model.matcher(query, query, budget), model.matcher(supports, query, budget))
@@ -194,22 +222,21 @@ class EFTNet:
     def _adapt_episode(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor,
                        padding: Optional[Tensor], query_mask: Optional[Tensor],
                        observer: Optional[Callable[[RoundProbe], None]]) -> AdaptResult:
-        model = self.model
+        model, s = self.model, self.settings
         state, zero = self._prepare(query_img, support_imgs, support_masks)
-        optimizer = torch.optim.SGD([{"params": g} for g in self.groups], lr=self.base_lr,
-                                    momentum=self.momentum, weight_decay=self.weight_decay)
+        optimizer = torch.optim.SGD([{"params": g} for g in self.groups], lr=s.base_lr,
+                                    momentum=s.momentum, weight_decay=s.weight_decay)
         previous, best, best_score, chosen = zero.final, zero, 0.0, 0
         losses, rounds, stopped = [], [], False
-        for index in range(self.rounds):
+        for index in range(s.rounds):
             for group in optimizer.param_groups:
-                group["lr"] = round_learning_rate(self.base_lr, self.rounds, index, self.power)
+                group["lr"] = round_learning_rate(s.base_lr, s.rounds, index, s.power)
             label = pseudo_label(previous, padding)
-            steps = index < self.rounds - 1  # the last step's weights would never be scored
+            steps = index < s.rounds - 1  # the last step's weights would never be scored
             with torch.set_grad_enabled(steps):
                 embeds = model.embed(state.supports), model.embed(state.query)
-                score = self._s2q_score(state, query_mask if self.query_mask_source == "ground_truth" else label,
-                                        *embeds)
-                mask = confident_foreground(previous, self.fraction)
+                score = self._s2q_score(state, query_mask if s.query_mask_source == "ground_truth" else label, *embeds)
+                mask = confident_foreground(previous, s.q2s_fraction)
                 prediction = self._q2s(state, mask, *embeds)
             rounds.append(Round(prediction.final.detach(), prediction.meta.detach(), mask, score))
             if observer is not None:
@@ -218,7 +245,7 @@ class EFTNet:
                 best, best_score, chosen = prediction, score, index + 1
             if steps:
                 loss = (F.cross_entropy(prediction.final, label, ignore_index=IGNORE)
-                        + self.aux_weight * F.cross_entropy(prediction.meta, label, ignore_index=IGNORE))
+                        + s.aux_weight * F.cross_entropy(prediction.meta, label, ignore_index=IGNORE))
                 losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
                     stopped = True
@@ -236,10 +263,10 @@ class EFTNet:
         ``mask``; with ``q2s_blend`` off (an ablation), from the real supports only."""
         model = self.model
         guidance = model.guide(state.real, support_embed[None])
-        if self.q2s_blend:
+        if self.settings.q2s_blend:
             with torch.no_grad():
                 same = state.q2s_match(mask[:, None])
-            guidance = guidance.blend(model.guide(same, query_embed[None]), self.weights)
+            guidance = guidance.blend(model.guide(same, query_embed[None]), self.settings.blend)
         return model.decode(state.query, guidance)
 
     @torch.no_grad()
@@ -253,7 +280,7 @@ class EFTNet:
         eye = torch.eye(k, dtype=torch.bool, device=support_embed.device).view(k, k, 1, 1, 1)
         different_embed = torch.where(eye, query_embed[None], support_embed[None].expand(k, -1, -1, -1, -1))
         guidance: Guidance = model.guide(different, different_embed).blend(
-            model.guide(state.pairs.diagonal(), support_embed[:, None]), self.weights)
+            model.guide(state.pairs.diagonal(), support_embed[:, None]), self.settings.blend)
         prediction = model.decode(state.supports, guidance)
         return float(foreground_iou(prediction.final, state.support_masks[0]).mean())
 

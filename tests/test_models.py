@@ -1,7 +1,7 @@
 """Numerics of the base models (model/backbones.py, ops.py, base.py, msanet.py, bam.py).
 
 Every parameter-free operation is compared with a dense, per-item re-implementation written
-here from the specification (spec/base_models_and_data.md 1-3, eftnet_reference.md 4-5), in
+here from the reference's description (docs/reference_behaviour.md, section 3), in
 float64 so that the epsilons are visible. The models have random weights; their meta
 classifier is scaled so that the outputs depend visibly on the supports.
 """

@@ -2,10 +2,10 @@ import cv2
 import numpy as np
 import pytest
 
-from util.get_mulway_base_data import main as base_data_main
-from util.splits import base_classes, base_label_lut, novel_classes, num_classes
+from dataset.get_mulway_base_data import main as base_data_main
+from dataset.splits import base_classes, base_label_lut, novel_classes, num_classes
 
-# Spec tables (base_models_and_data.md 4.1 / 4.2), written out rather than computed.
+# Fold tables (docs/reference_behaviour.md, section 1.5), written out rather than computed.
 PASCAL = {0: [1, 2, 3, 4, 5], 1: [6, 7, 8, 9, 10], 2: [11, 12, 13, 14, 15],
           3: [16, 17, 18, 19, 20]}
 COCO_INTERLEAVED = {
