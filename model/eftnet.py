@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,19 @@ def confident_foreground(final: Tensor, fraction: float) -> Tensor:
     keep = int(int((filtered > 0).sum()) * fraction)
     threshold = filtered.kthvalue(filtered.numel() - keep + 1).values if keep > 0 else filtered.min()
     return (prob >= threshold + 1e-10).float()
+
+
+def best_round(scores: Sequence[float]) -> int:
+    """The round the engine answers with (1-based), from the rounds' s2q scores in order.
+
+    The best score starts at 0 and a round is taken when its score is ``>=`` the best so far:
+    round 1 is always taken (scores are IoUs >= 0) and ties go to the later round. 0 (the
+    zero round) comes back only when no score is a number >= 0 (NaN scores)."""
+    best, chosen = 0.0, 0
+    for index, score in enumerate(scores, start=1):
+        if score >= best:
+            best, chosen = score, index
+    return chosen
 
 
 def foreground_iou(final: Tensor, mask: Tensor) -> Tensor:
@@ -226,7 +239,7 @@ class EFTNet:
         state, zero = self._prepare(query_img, support_imgs, support_masks)
         optimizer = torch.optim.SGD([{"params": g} for g in self.groups], lr=s.base_lr,
                                     momentum=s.momentum, weight_decay=s.weight_decay)
-        previous, best, best_score, chosen = zero.final, zero, 0.0, 0
+        previous, bases = zero.final, []
         losses, rounds, stopped = [], [], False
         for index in range(s.rounds):
             for group in optimizer.param_groups:
@@ -239,10 +252,9 @@ class EFTNet:
                 mask = confident_foreground(previous, s.q2s_fraction)
                 prediction = self._q2s(state, mask, *embeds)
             rounds.append(Round(prediction.final.detach(), prediction.meta.detach(), mask, score))
+            bases.append(prediction.base)
             if observer is not None:
                 observer(RoundProbe(index + 1, lambda m, e=embeds: self._s2q_score(state, m, *e)))
-            if score >= best_score:
-                best, best_score, chosen = prediction, score, index + 1
             if steps:
                 loss = (F.cross_entropy(prediction.final, label, ignore_index=IGNORE)
                         + s.aux_weight * F.cross_entropy(prediction.meta, label, ignore_index=IGNORE))
@@ -254,7 +266,13 @@ class EFTNet:
                 loss.backward()
                 optimizer.step()
             previous = prediction.final.detach()
-        return AdaptResult(best.final.detach(), best.meta.detach(), best.base, zero, [r.score for r in rounds], chosen,
+        scores = [r.score for r in rounds]
+        chosen = best_round(scores)
+        if chosen == 0:
+            final, meta, base = zero.final, zero.meta, zero.base
+        else:
+            final, meta, base = rounds[chosen - 1].final, rounds[chosen - 1].meta, bases[chosen - 1]
+        return AdaptResult(final.detach(), meta.detach(), base, zero, scores, chosen,
                            losses, rounds[0].q2s_mask, stopped, rounds)
 
     # ---- the two branches ----------------------------------------------------------------

@@ -2,14 +2,14 @@
 
 The models are MSANet on the small MobileNetV2 backbone (reduce_dim 32) at 65 px, with the
 meta classifier scaled and biased so that predictions mix foreground and background, and
-one BAM-VGG16 for the second architecture. Round scores are scripted where a test is about
-the selection rule, and recomputed from the public model steps where it is about numbers.
+one BAM-VGG16 for the second architecture. The selection rule is tested on ``best_round`` with
+hand-made scores and on real runs; round scores are recomputed from the public model steps where
+a test is about numbers. Everything goes through the public API and public torch hooks.
 """
 from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +20,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import model.eftnet as eftnet
 from model import BAM, MSANet
 from model.base import ADAPTED_MODULES, Guidance
-from model.eftnet import EFTNet, confident_foreground, foreground_iou, pseudo_label, round_learning_rate
+from model.eftnet import (EFTNet, EFTNetSettings, best_round, confident_foreground, foreground_iou, pseudo_label,
+                          round_learning_rate)
 
 SIZE = 65
 LR = 0.001
@@ -28,12 +29,11 @@ WEIGHTS = (0.8, 0.2)
 SMALL = dict(reduce_dim=32, base_width=32)   # MobileNetV2 MSANet: fast on two CPU cores
 
 
-def make_cfg(**overrides) -> SimpleNamespace:
-    values = dict(ft_number=5, ft_base_lr=LR, ft_power=0.9, momentum=0.9, weight_decay=1e-4,
-                  sr_aux_weight1=1.0, change_weighting=list(WEIGHTS), q2s_filt_para=0.2,
-                  s2q_query_mask="pseudo")
+def make_settings(**overrides) -> EFTNetSettings:
+    values = dict(rounds=5, base_lr=LR, power=0.9, momentum=0.9, weight_decay=1e-4, aux_weight=1.0,
+                  blend=WEIGHTS, q2s_fraction=0.2, query_mask_source="pseudo")
     values.update(overrides)
-    return SimpleNamespace(**values)
+    return EFTNetSettings(**values)
 
 
 # ---- episodes and models --------------------------------------------------------------------
@@ -120,11 +120,6 @@ def steps():
     handle.remove()
 
 
-def script_scores(monkeypatch, scores: list[float]) -> None:
-    script = iter(scores)
-    monkeypatch.setattr(EFTNet, "_s2q_score", lambda self, *args: next(script))
-
-
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -202,9 +197,9 @@ def test_fixture_models_predict_a_mix_of_foreground_and_background(msanet1, msan
 
 def test_config_is_validated(msanet1):
     with pytest.raises(ValueError, match="ft_number"):
-        EFTNet(msanet1, make_cfg(ft_number=0))
+        EFTNet(msanet1, make_settings(rounds=0))
     with pytest.raises(ValueError, match="s2q_query_mask"):
-        EFTNet(msanet1, make_cfg(s2q_query_mask="gt"))
+        EFTNet(msanet1, make_settings(query_mask_source="gt"))
 
 
 # ---- 1. learning rates and steps --------------------------------------------------------------
@@ -215,7 +210,7 @@ def test_round_learning_rate_matches_reference_values():
 
 
 def test_optimizer_uses_the_schedule_and_skips_the_last_step(msanet2, ep2, steps):
-    cfg = make_cfg(ft_base_lr=0.005, momentum=0.8, weight_decay=2e-4)
+    cfg = make_settings(base_lr=0.005, momentum=0.8, weight_decay=2e-4)
     res = run(EFTNet(msanet2, cfg), ep2)
     # Five rounds, four steps: the fifth round's weights would never be scored.
     assert len(steps) == 4 and len(res.losses) == 4 and len(res.round_scores) == 5
@@ -235,13 +230,13 @@ def test_optimizer_uses_the_schedule_and_skips_the_last_step(msanet2, ep2, steps
 
 
 def test_single_round_takes_no_step(msanet1, ep1, steps):
-    res = run(EFTNet(msanet1, make_cfg(ft_number=1)), ep1)
+    res = run(EFTNet(msanet1, make_settings(rounds=1)), ep1)
     assert steps == [] and res.losses == []
     assert len(res.round_scores) == 1 and res.chosen_round == 1
 
 
 # ---- 2. which parameters change, and the restore ---------------------------------------------
-def test_only_adapted_modules_change_and_everything_is_restored(ep2, monkeypatch, steps):
+def test_only_adapted_modules_change_and_everything_is_restored(ep2, steps):
     model = build_msanet(2, ep2)
     # A state the user might leave behind: training mode, a frozen adapted module, a trainable stage.
     model.train()
@@ -253,15 +248,12 @@ def test_only_adapted_modules_change_and_everything_is_restored(ep2, monkeypatch
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     before = snapshot(model)
 
-    adapted = {}
-    original = EFTNet._episode
+    adapted, probed = {}, []
 
-    @contextmanager
-    def spy(self):
-        with original(self):
-            yield
-            adapted.update(snapshot(self.model))   # after the rounds, before the restore
-    monkeypatch.setattr(EFTNet, "_episode", spy)
+    def observer(probe):
+        probed.append(probe.index)
+        if probe.index == 5:   # the last round takes no step: its weights are the adapted ones
+            adapted.update(snapshot(model))   # after the rounds, before the restore
     inside = []
 
     def check_step(optimizer, args, kwargs):
@@ -269,11 +261,11 @@ def test_only_adapted_modules_change_and_everything_is_restored(ep2, monkeypatch
                        any(m.training for m in model.modules())))
     handle = register_optimizer_step_pre_hook(check_step)
     try:
-        run(EFTNet(model, make_cfg(ft_base_lr=0.005)), ep2)
+        run(EFTNet(model, make_settings(base_lr=0.005)), ep2, observer=observer)
     finally:
         handle.remove()
 
-    assert len(steps) == 4
+    assert len(steps) == 4 and probed == [1, 2, 3, 4, 5]
     # During the rounds: eval mode everywhere, gradients for the adapted parameters only.
     trainable = {name for name, _ in model.named_parameters() if is_adapted(name)}
     assert inside == [(trainable, False)] * 4
@@ -365,13 +357,27 @@ def test_foreground_iou_counts_255_as_background():
                                             ([0.9, 0.1, 0.2, 0.3, 0.4], 1),
                                             ([0.0, 0.0, 0.0, 0.0, 0.0], 5),
                                             ([0.1, 0.2, 0.3, 0.4, 0.4], 5)])
-def test_chosen_round_is_the_best_score_with_ties_to_the_later_round(msanet1, ep1, monkeypatch, scores, chosen):
-    script_scores(monkeypatch, scores)
-    res = run(EFTNet(msanet1, make_cfg(ft_base_lr=0.005)), ep1)
+def test_best_round_is_the_best_score_with_ties_to_the_later_round(scores, chosen):
+    assert best_round(scores) == chosen
+
+
+def empty_masks(episode: SimpleNamespace) -> SimpleNamespace:
+    """The episode with no support foreground: every s2q score is 0."""
+    return SimpleNamespace(**{**vars(episode), "masks": torch.zeros_like(episode.masks)})
+
+
+@pytest.mark.parametrize("case", ["middle", "ties", "first"])
+def test_the_engine_answers_with_the_best_round(msanet1, msanet2, ep1, ep2, case):
+    """Real runs whose best rounds differ (their scores, on these fixtures: a strict best in the
+    middle, all 0 so ties to the last round, a decline after round 1)."""
+    model, episode, settings = {"middle": (msanet1, ep1, make_settings(base_lr=0.0002)),
+                                "ties": (msanet1, empty_masks(ep1), make_settings()),
+                                "first": (msanet2, ep2, make_settings(base_lr=0.005))}[case]
+    res = run(EFTNet(model, settings), episode)
     predictions = res.rounds
-    assert res.round_scores == scores and res.chosen_round == chosen
-    assert [r.score for r in predictions] == scores
-    assert len(predictions) == 5
+    assert len(predictions) == 5 and [r.score for r in predictions] == res.round_scores
+    chosen = res.chosen_round
+    assert chosen == best_round(res.round_scores)
     best = predictions[chosen - 1]
     assert torch.equal(res.final, best.final) and torch.equal(res.meta, best.meta)
     # The rounds really differ, so the check above can tell them apart.
@@ -379,9 +385,9 @@ def test_chosen_round_is_the_best_score_with_ties_to_the_later_round(msanet1, ep
     assert all(not torch.allclose(p.final, best.final) for p in others)
 
 
-def test_round_one_is_accepted_with_score_zero(msanet1, ep1, monkeypatch):
-    script_scores(monkeypatch, [0.0])
-    res = run(EFTNet(msanet1, make_cfg(ft_number=1)), ep1)
+def test_round_one_is_accepted_with_score_zero(msanet1, ep1):
+    assert best_round([0.0]) == 1
+    res = run(EFTNet(msanet1, make_settings(rounds=1)), empty_masks(ep1))   # a real score of 0
     predictions = res.rounds
     assert res.chosen_round == 1 and res.round_scores == [0.0]
     assert torch.equal(res.final, predictions[0].final)
@@ -390,12 +396,12 @@ def test_round_one_is_accepted_with_score_zero(msanet1, ep1, monkeypatch):
 
 # ---- 5. reset between episodes ------------------------------------------------------------------
 def test_episodes_do_not_leak_into_each_other(msanet1, ep1, ep1b, steps):
-    engine = EFTNet(msanet1, make_cfg(ft_base_lr=0.005))
+    engine = EFTNet(msanet1, make_settings(base_lr=0.005))
     a1 = run(engine, ep1)
     a2 = run(engine, ep1)                 # momentum or weights left over would change this
     b1 = run(engine, ep1b)
     a3 = run(engine, ep1)
-    b2 = run(EFTNet(msanet1, make_cfg(ft_base_lr=0.005)), ep1b)
+    b2 = run(EFTNet(msanet1, make_settings(base_lr=0.005)), ep1b)
     assert_same_result(a1, a2)
     assert_same_result(a1, a3)
     assert_same_result(b1, b2)
@@ -408,7 +414,7 @@ def test_episodes_do_not_leak_into_each_other(msanet1, ep1, ep1b, steps):
 
 # ---- 6. cached rounds equal direct computations --------------------------------------------------
 def test_zero_round_is_the_plain_forward(msanet2, ep2):
-    res = run(EFTNet(msanet2, make_cfg(ft_number=1)), ep2)
+    res = run(EFTNet(msanet2, make_settings(rounds=1)), ep2)
     with torch.no_grad():
         plain = msanet2(ep2.query, ep2.supports, ep2.masks)
     for name in ("final", "meta", "base"):
@@ -420,7 +426,7 @@ def test_first_two_rounds_equal_a_direct_computation(shot, msanet1, msanet2, ep1
     """Round 1 (weights as given) and round 2 (after one SGD step on round 1's loss against the
     zero round's padded argmax) rebuilt from fresh features, without the engine's caches."""
     model, episode = (msanet1, ep1) if shot == 1 else (msanet2, ep2)
-    res = run(EFTNet(model, make_cfg(ft_number=2, ft_base_lr=0.005, sr_aux_weight1=0.4)), episode)
+    res = run(EFTNet(model, make_settings(rounds=2, base_lr=0.005, aux_weight=0.4)), episode)
     predictions = res.rounds
 
     ref = copy.deepcopy(model)
@@ -460,7 +466,7 @@ def test_kept_similarity_products_change_no_output(shot, mode, msanet1, msanet2,
     """Rounds with every similarity product kept, with a budget that fills up after a few
     columns, and with none kept (the direct path) give the same rounds."""
     model, episode = (msanet1, ep1) if shot == 1 else (msanet2, ep2)
-    results = [run(EFTNet(model, make_cfg(s2q_query_mask=mode, similarity_cache_mb=mb)), episode,
+    results = [run(EFTNet(model, make_settings(query_mask_source=mode, similarity_cache_mb=mb)), episode,
                    query_mask=episode.query_mask) for mb in (0, 0.05, 1024)]
     direct = results[0]
     assert len({r.chosen_round for r in results}) == 1
@@ -476,7 +482,7 @@ def test_kept_similarity_products_change_no_output(shot, mode, msanet1, msanet2,
 def test_kept_similarity_products_change_no_output_with_vgg_taps(ep1):
     """VGG's correlated taps come at two sizes (layer3 and layer4 at 65 px: 9 and 5)."""
     model = build_msanet(1, ep1, "vgg")
-    direct, kept = (run(EFTNet(model, make_cfg(similarity_cache_mb=mb)), ep1) for mb in (0, 1024))
+    direct, kept = (run(EFTNet(model, make_settings(similarity_cache_mb=mb)), ep1) for mb in (0, 1024))
     assert kept.chosen_round == direct.chosen_round
     assert kept.round_scores == pytest.approx(direct.round_scores, abs=1e-6)
     assert torch.allclose(kept.final, direct.final, atol=1e-5) and torch.allclose(kept.meta, direct.meta, atol=1e-5)
@@ -484,7 +490,7 @@ def test_kept_similarity_products_change_no_output_with_vgg_taps(ep1):
 
 # ---- 7. the query label is read only when asked for ------------------------------------------------
 def test_pseudo_mode_ignores_the_query_mask(msanet1, ep1):
-    engine = EFTNet(msanet1, make_cfg())
+    engine = EFTNet(msanet1, make_settings())
     plain = run(engine, ep1)
     opposite = (1 - plain.zero_round.final.argmax(1)).masked_fill(ep1.padding, 255)
     assert_same_result(plain, run(engine, ep1, query_mask=opposite))
@@ -492,8 +498,8 @@ def test_pseudo_mode_ignores_the_query_mask(msanet1, ep1):
 
 
 def test_ground_truth_mode_scores_with_the_query_mask(msanet1, ep1):
-    pseudo = run(EFTNet(msanet1, make_cfg()), ep1)
-    engine = EFTNet(msanet1, make_cfg(s2q_query_mask="ground_truth"))
+    pseudo = run(EFTNet(msanet1, make_settings()), ep1)
+    engine = EFTNet(msanet1, make_settings(query_mask_source="ground_truth"))
     zero_label = padded_argmax(pseudo.zero_round.final, ep1.padding)
     opposite = (1 - zero_label).masked_fill(ep1.padding, 255)
     same_as_pseudo = run(engine, ep1, query_mask=zero_label)
@@ -510,11 +516,11 @@ def test_ground_truth_mode_scores_with_the_query_mask(msanet1, ep1):
 def test_observer_gets_the_reference_scores_without_changing_the_rounds(msanet1, ep1):
     """The evaluator's probe scores each round with the query label; the rounds themselves are
     those of a run without observer, and the probe's scores those of a ground_truth run."""
-    plain = run(EFTNet(msanet1, make_cfg()), ep1)
+    plain = run(EFTNet(msanet1, make_settings()), ep1)
     probed = []
-    observed = run(EFTNet(msanet1, make_cfg()), ep1,
+    observed = run(EFTNet(msanet1, make_settings()), ep1,
                    observer=lambda probe: probed.append((probe.index, probe.s2q_score(ep1.query_mask))))
-    reference = run(EFTNet(msanet1, make_cfg(s2q_query_mask="ground_truth")), ep1, query_mask=ep1.query_mask)
+    reference = run(EFTNet(msanet1, make_settings(query_mask_source="ground_truth")), ep1, query_mask=ep1.query_mask)
     assert_same_result(plain, observed)
     assert [i for i, _ in probed] == [1, 2, 3, 4, 5]
     assert [v for _, v in probed] == pytest.approx(reference.round_scores, abs=1e-6)
@@ -522,8 +528,8 @@ def test_observer_gets_the_reference_scores_without_changing_the_rounds(msanet1,
 
 
 def test_q2s_ablation_uses_the_real_supports_only(msanet1, ep1):
-    blended = run(EFTNet(msanet1, make_cfg()), ep1)
-    alone = run(EFTNet(msanet1, make_cfg(q2s_blend=False)), ep1)
+    blended = run(EFTNet(msanet1, make_settings()), ep1)
+    alone = run(EFTNet(msanet1, make_settings(q2s_blend=False)), ep1)
     # Round 1 has the given weights: without the query blended in, its prediction is the zero round.
     assert torch.allclose(alone.rounds[0].final, alone.zero_round.final, atol=1e-6)
     assert not torch.allclose(blended.rounds[0].final, blended.zero_round.final, atol=1e-4)
@@ -532,40 +538,46 @@ def test_q2s_ablation_uses_the_real_supports_only(msanet1, ep1):
 
 
 # ---- 8. a non-finite loss ends the rounds ---------------------------------------------------------
-@pytest.mark.parametrize("nan_from_round, scores, chosen", [(2, [0.2, 0.5], 2), (2, [0.5, 0.2], 1), (1, [0.3], 1)])
-def test_non_finite_loss_stops_with_the_best_round_so_far(msanet1, ep1, monkeypatch, steps,
-                                                          nan_from_round, scores, chosen):
-    calls = []
-    cross_entropy = F.cross_entropy
+@pytest.mark.parametrize("nan_from_round", [1, 2, 4])
+def test_non_finite_loss_stops_with_the_best_round_so_far(msanet1, ep1, steps, nan_from_round):
+    """Round 1's loss is NaN with a NaN aux weight (its prediction stays finite); a later round's
+    loss is NaN when the step before it writes NaN into a parameter. On these fixtures the
+    rounds so far score like [0.21, 0.21, 0.23, 0] (0: NaN weights predict no foreground)."""
+    aux_weight = float("nan") if nan_from_round == 1 else 1.0
+    taken = []
 
-    def nan_later(*args, **kwargs):   # two calls per round: main and aux loss
-        calls.append(1)
-        loss = cross_entropy(*args, **kwargs)
-        return loss * float("nan") if len(calls) > 2 * (nan_from_round - 1) else loss
-    monkeypatch.setattr(eftnet.F, "cross_entropy", nan_later)
-    script_scores(monkeypatch, scores + [1.0, 1.0, 1.0])
+    def poison(optimizer, args, kwargs):
+        taken.append(1)
+        if len(taken) == nan_from_round - 1:   # the step before round ``nan_from_round``
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+    handle = register_optimizer_step_pre_hook(poison)
     before = snapshot(msanet1)
-
-    res = run(EFTNet(msanet1, make_cfg(ft_base_lr=0.005)), ep1)
+    try:
+        res = run(EFTNet(msanet1, make_settings(base_lr=0.0002, aux_weight=aux_weight)), ep1)
+    finally:
+        handle.remove()
     predictions = res.rounds
     assert res.stopped_early
-    assert res.round_scores == scores and len(predictions) == nan_from_round
+    assert len(res.round_scores) == len(predictions) == nan_from_round
+    assert [r.score for r in predictions] == res.round_scores
     assert len(res.losses) == nan_from_round and math.isnan(res.losses[-1])
     assert all(math.isfinite(v) for v in res.losses[:-1])
     assert len(steps) == nan_from_round - 1
-    assert res.chosen_round == chosen and torch.equal(res.final, predictions[chosen - 1].final)
+    assert res.chosen_round == best_round(res.round_scores) and 1 <= res.chosen_round <= nan_from_round
+    assert torch.equal(res.final, predictions[res.chosen_round - 1].final)
     assert torch.isfinite(res.final).all() and torch.isfinite(res.meta).all()
     assert_state_equal(msanet1, before)
 
 
 def test_finite_run_is_not_marked_stopped(msanet1, ep1):
-    res = run(EFTNet(msanet1, make_cfg()), ep1)
+    res = run(EFTNet(msanet1, make_settings()), ep1)
     assert not res.stopped_early and len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses)
 
 
 # ---- 9. edge cases ----------------------------------------------------------------------------------
 def test_empty_and_all_ignored_support_masks(msanet1, ep1):
-    engine = EFTNet(msanet1, make_cfg())
+    engine = EFTNet(msanet1, make_settings())
     empty = SimpleNamespace(**{**vars(ep1), "masks": torch.zeros_like(ep1.masks)})
     ignored = SimpleNamespace(**{**vars(ep1), "masks": torch.full_like(ep1.masks, 255)})
     res_empty, res_ignored = run(engine, empty), run(engine, ignored)
@@ -581,7 +593,7 @@ def test_empty_and_all_ignored_support_masks(msanet1, ep1):
 
 def test_batches_of_more_than_one_episode_are_refused(msanet1, ep1):
     with pytest.raises(ValueError, match="batch"):
-        EFTNet(msanet1, make_cfg()).adapt(ep1.query.expand(2, -1, -1, -1), ep1.supports.expand(2, -1, -1, -1, -1),
+        EFTNet(msanet1, make_settings()).adapt(ep1.query.expand(2, -1, -1, -1), ep1.supports.expand(2, -1, -1, -1, -1),
                                           ep1.masks.expand(2, -1, -1, -1))
 
 
@@ -590,7 +602,7 @@ def test_bam_goes_through_the_same_rounds(ep1, steps):
     torch.manual_seed(0)
     bam = BAM("vgg", 1, 15).eval()
     before = snapshot(bam)
-    res = run(EFTNet(bam, make_cfg()), ep1)
+    res = run(EFTNet(bam, make_settings()), ep1)
     assert len(res.round_scores) == 5 and 1 <= res.chosen_round <= 5 and len(steps) == 4
     assert res.final.shape == res.meta.shape == (1, 2, SIZE, SIZE)
     for t in (res.final, res.meta, res.base):

@@ -1,11 +1,11 @@
-"""util/selection.py: every rule on hand-made rounds, ties, early stops, and the engine's own rule."""
+"""evaluation/selection.py: every rule on hand-made rounds, ties, early stops, and the engine's own rule."""
 import math
 
 import numpy as np
 import pytest
 
-from util.selection import (EpisodeRounds, Rule, choose, oracle_choice, round_counts, rule_set, s2q_choice,
-                            select_all)
+from evaluation.selection import (EpisodeRounds, Rule, choose, oracle_choice, round_counts, rule_set, s2q_choice,
+                                  select_all)
 
 
 def counts(inter_fg: int, union_fg: int, inter_bg: int = 300, union_bg: int = 350) -> list[list[int]]:
@@ -84,20 +84,28 @@ def test_missing_ground_truth_scores_and_bad_lengths_are_refused():
         choose(Rule("best_guess", False, ""), plain)
 
 
-def test_s2q_rule_reproduces_the_engines_choice(monkeypatch):
-    """On a real (small, random) model with scripted scores: the rule applied to the recorded
-    scores picks the engine's round, and that round's prediction is the engine's answer."""
+@pytest.mark.parametrize("scores", [[0.2, 0.6, 0.6, 0.1], [0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.2, 0.3],
+                                    [math.nan, 0.2], [math.nan], [0.3, math.nan, 0.3]])
+def test_s2q_rule_is_the_engines_function(scores):
+    pytest.importorskip("torch")
+    from model.eftnet import best_round
+
+    assert s2q_choice(scores) == best_round(scores)
+
+
+def test_s2q_rule_reproduces_the_engines_choice():
+    """On a real (small, random) model, in runs whose best rounds differ: the rule applied to the
+    recorded scores picks the engine's round, and that round's prediction is the engine's answer."""
     torch = pytest.importorskip("torch")
     from model.eftnet import EFTNet
-    from tests.test_eftnet import build_msanet, make_cfg, make_episode, run, script_scores
+    from tests.test_eftnet import build_msanet, empty_masks, make_episode, make_settings, run
 
     ep = make_episode(1, 1)
     model = build_msanet(1, ep)
-    engine = EFTNet(model, make_cfg(ft_number=4))
-    for scores in ([0.2, 0.6, 0.6, 0.1], [0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.2, 0.3]):
-        script_scores(monkeypatch, scores)
-        result = run(engine, ep)
-        assert result.round_scores == scores
+    for settings, episode in ((make_settings(rounds=4, base_lr=0.0002), ep), (make_settings(rounds=4), empty_masks(ep)),
+                              (make_settings(rounds=4), ep)):
+        result = run(EFTNet(model, settings), episode)
+        assert len(result.round_scores) == 4 and [r.score for r in result.rounds] == result.round_scores
         assert s2q_choice(result.round_scores) == result.chosen_round
         assert torch.equal(result.rounds[result.chosen_round - 1].final, result.final)
 
@@ -109,14 +117,14 @@ def test_rules_on_a_pseudo_run_equal_runs_with_that_rule_forced():
     (the trajectory does not depend on the selection)."""
     torch = pytest.importorskip("torch")
     from model.eftnet import EFTNet
-    from tests.test_eftnet import build_msanet, make_cfg, make_episode, run
-    from util.analysis import GroundTruthScores
+    from tests.test_eftnet import build_msanet, make_settings, make_episode, run
+    from evaluation.analysis import GroundTruthScores
 
     ep = make_episode(1, 1)
     model = build_msanet(1, ep)
     observer = GroundTruthScores(ep.query_mask)
-    pseudo = run(EFTNet(model, make_cfg(ft_number=3)), ep, observer=observer)
-    reference = run(EFTNet(model, make_cfg(ft_number=3, s2q_query_mask="ground_truth")), ep, query_mask=ep.query_mask)
+    pseudo = run(EFTNet(model, make_settings(rounds=3)), ep, observer=observer)
+    reference = run(EFTNet(model, make_settings(rounds=3, query_mask_source="ground_truth")), ep, query_mask=ep.query_mask)
     assert observer.scores == pytest.approx(reference.round_scores, abs=1e-6)
     assert s2q_choice(observer.scores) == reference.chosen_round
     chosen = pseudo.rounds[s2q_choice(observer.scores) - 1]
