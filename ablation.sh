@@ -30,6 +30,6 @@ while IFS=: read -r name opts; do
   OPTS="${OPTS:-}${opts:+ $opts}" TAG=ablation_$name bash meta_test.sh "$@"
 done <<< "${VARIANTS:-$default_variants}"
 echo
-root=${EXP:-exp}/$dataset/${backbone}_${shot}shot
-echo "== ablations: $dataset $backbone ${shot}-shot ($root)"
-"${PYTHON:-python3}" -m util.report --ablation "$root" | tee "$root/ablation.txt"
+root=${EXP:-exp}/$dataset/${ARCH:-MSANet}_${backbone}_${shot}shot
+echo "== ablations: $dataset ${ARCH:-MSANet} $backbone ${shot}-shot ($root)"
+"${PYTHON:-python3}" -m evaluation.report --ablation "$root" | tee "$root/ablation.txt"

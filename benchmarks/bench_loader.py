@@ -19,9 +19,10 @@ import torch
 from model import build_model
 from model.eftnet import EFTNet
 from util.checkpoint import checkpoint_path, load_weights
-from util.config import load_config, repo_path
-from util.dataset import build_episode_dataset, episode_loader
-from util.demo_data import ensure_demo_present
+from util.config import load_config
+from util.paths import repo_path
+from dataset.fewshot import build_episode_dataset, episode_loader
+from dataset.demo import ensure_demo_present
 
 
 def episodes_per_second(engine: EFTNet, batches, count: int) -> float:

@@ -1,24 +1,29 @@
-"""Few-shot segmentation base models (MSANet, BAM) and the EFTNet fine-tuner."""
+"""Few-shot segmentation base models (MSANet, BAM) and the EFTNet fine-tuner.
+
+Nothing here reads a config file or knows a dataset: models are built from plain arguments
+(``create_model``). ``build_model(cfg)`` takes a loaded config, which supplies those arguments
+itself (``cfg.model_arguments()``, in util/config.py).
+"""
 from __future__ import annotations
+
+from typing import Any
 
 from model.bam import BAM
 from model.base import FewShotModel, Guidance, Prediction, ShotStats
 from model.msanet import MSANet
 
-__all__ = ["build_model", "FewShotModel", "MSANet", "BAM", "Guidance", "Prediction", "ShotStats"]
+__all__ = ["build_model", "create_model", "FewShotModel", "MSANet", "BAM", "Guidance", "Prediction", "ShotStats"]
+ARCHS: dict[str, type[FewShotModel]] = {"MSANet": MSANet, "BAM": BAM}
 
 
-def build_model(cfg) -> FewShotModel:
-    """MSANet or BAM (``cfg.arch``) with random weights, as configured; reads no files."""
-    from util.config import backbone_name
-    from util.splits import base_classes
+def create_model(arch: str = "MSANet", **arguments: Any) -> FewShotModel:
+    """MSANet or BAM with random weights; ``arguments`` are the class's (backbone, shot,
+    num_base_classes, widths, ...)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: expected {' or '.join(ARCHS)}")
+    return ARCHS[arch](**arguments)
 
-    common = dict(backbone=backbone_name(cfg), shot=cfg.shot,
-                  num_base_classes=len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
-                  reduce_dim=cfg.reduce_dim, base_width=cfg.base_width, kshot_trans_dim=cfg.kshot_trans_dim, zoom_factor=cfg.zoom_factor)
-    if cfg.arch == "MSANet":
-        return MSANet(**common, kshot_order_quirk=cfg.kshot_order_quirk,
-                      vgg_l2_last_shot_quirk=cfg.vgg_l2_last_shot_quirk)
-    if cfg.arch == "BAM":
-        return BAM(**common)
-    raise ValueError(f"unknown arch {cfg.arch!r}: expected MSANet or BAM")
+
+def build_model(cfg: Any) -> FewShotModel:
+    """MSANet or BAM (``cfg.arch``) with random weights, as a loaded config describes; reads no files."""
+    return create_model(**cfg.model_arguments())

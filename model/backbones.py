@@ -151,6 +151,30 @@ def mobilenet_layers() -> list[nn.Module]:
     return [nn.Sequential(*features[a:b]) for a, b in MOBILENET_STAGES]
 
 
+RESNET_STEM = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3", "bn2": "layer0.4",
+               "conv3": "layer0.6", "bn3": "layer0.7"}  # semseg's deep stem -> layer0
+FEATURE_STAGES = {"vgg": VGG_STAGES, "mobilenetv2": MOBILENET_STAGES}  # torchvision ``features.N``
+
+
+def imagenet_key(key: str, backbone: str) -> str | None:
+    """Our key of an ImageNet file's key (semseg ResNet: stem -> layer0; torchvision VGG16-BN /
+    MobileNetV2: ``features.N`` -> the stage holding N, re-indexed); None for the classifier."""
+    if backbone not in FEATURE_STAGES and backbone not in ("resnet50", "resnet101"):
+        raise ValueError(f"unknown backbone {backbone!r}: expected resnet50, resnet101, {', '.join(FEATURE_STAGES)}")
+    head, _, rest = key.partition(".")
+    if backbone in FEATURE_STAGES:
+        if head == "classifier":
+            return None
+        index, _, tail = rest.partition(".")
+        if head != "features" or not index.isdigit():
+            return key
+        stage = [(i, start) for i, (start, end) in enumerate(FEATURE_STAGES[backbone]) if start <= int(index) < end]
+        return f"layer{stage[0][0]}.{int(index) - stage[0][1]}.{tail}" if stage else None
+    if head == "fc":
+        return None
+    return f"{RESNET_STEM[head]}.{rest}" if head in RESNET_STEM else key
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build and run a backbone, and its widths (layer4, and cat(layer3, layer2))."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.backbones import BACKBONES, Features
+from model.backbones import BACKBONES, Features, imagenet_key
 from model.contract import check_forward_inputs
 from model.ops import gram_distance, gram_matrix, resize, weighted_gap
 from model.pspnet import base_learner, output_size
@@ -28,6 +28,7 @@ from model.similarity import CacheBudget
 ADAPTED_MODULES = ("down_query", "down_supp", "init_merge", "ASPP_meta", "res1_meta", "res2_meta",
                    "cls_meta", "gram_merge", "cls_merge", "kshot_rw")
 BACKBONE_MODULES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+BASE_LOGITS = "base_low"  # Features.cache key of the base learner's logits at feature resolution
 
 
 @dataclass
@@ -243,7 +244,13 @@ class FewShotModel(nn.Module):
 
     def learner_base_low(self, query: Features) -> Tensor:
         """Base-learner logits at feature resolution (the ensemble works there)."""
-        return self.cached(query, "base_low", lambda f: self.learner_base(f.layer4))
+        return self.cached(query, BASE_LOGITS, lambda f: self.learner_base(f.layer4))
+
+    @staticmethod
+    def keep_base_logits(feats: Features, logits: Tensor) -> None:
+        """Hand in the frozen base learner's logits of ``feats`` at feature resolution, computed
+        earlier (training keeps them for every image), so that decoding does not recompute them."""
+        feats.cache[BASE_LOGITS] = logits
 
     def ensemble(self, meta: Tensor, base: Tensor, est: Tensor, exclude: Optional[Tensor] = None) -> Tensor:
         """BAM ensemble: Gram-adjusted meta probabilities, background merged with base classes."""
@@ -266,6 +273,10 @@ class FewShotModel(nn.Module):
         stats = self.match(query, support, support_masks)
         embeddings = self.embed(support)
         return self.decode(query, self.guide(stats, embeddings.reshape(*support_masks.shape[:2], *embeddings.shape[1:])))
+
+    def imagenet_backbone_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """An ImageNet file's state_dict under this model's ``layer0..4`` keys (classifier dropped)."""
+        return {new: v for k, v in state.items() if (new := imagenet_key(k, self.backbone)) is not None}
 
     def adapted_modules(self) -> list[nn.Module]:
         """The meta-learner modules EFTNet fine-tunes (the reference optimizer's groups)."""

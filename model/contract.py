@@ -24,7 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-MASK_VALUES = (0, 1, 255)
+IGNORE = 255  # the label value of void pixels and of the padded canvas, in masks and label maps
+MASK_VALUES = (0, 1, IGNORE)
 MASK_MEANING = "0 = background, 1 = foreground, 255 = ignore"
 SHOWN_VALUES = 10
 
@@ -154,5 +155,5 @@ def _dtype(dtype: torch.dtype) -> str:
 
 def _image_hint(got: torch.dtype, expected: torch.dtype) -> str:
     if not got.is_floating_point:
-        return "images are normalised RGB: convert to float and normalise them as util.transforms does"
+        return "images are normalised RGB: convert to float and normalise them as dataset.transforms does"
     return "call " + (".float()" if expected == torch.float32 else f".to(torch.{_dtype(expected)})")

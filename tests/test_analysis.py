@@ -1,4 +1,4 @@
-"""util/analysis.py on synthetic episode records: every rule, pooled seeds, table, plots, fold counts."""
+"""evaluation/analysis.py on synthetic episode records: every rule, pooled seeds, table, plots, fold counts."""
 import json
 from types import SimpleNamespace
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from util.analysis import (GroundTruthScores, analyse_pooled, analyse_seed, folds_comparison, format_analysis,
-                           load_rule_counts, public, round_fields, save_rule_counts, tensorboard_scalars,
-                           write_plots)
-from util.evaluation import Scores
-from util.selection import s2q_choice
+from evaluation.analysis import (GroundTruthScores, analyse_pooled, analyse_seed, folds_comparison, format_analysis,
+                                 load_rule_counts, public, round_fields, save_rule_counts, tensorboard_scalars,
+                                 write_plots)
+from evaluation.records import Scores
+from evaluation.selection import s2q_choice
 
 ROUNDS = 3
 CLASSES = 4

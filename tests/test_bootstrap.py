@@ -1,12 +1,12 @@
-"""util/bootstrap.py against a direct computation with FewShotMeter, one draw at a time."""
+"""evaluation/bootstrap.py against a direct computation with FewShotMeter, one draw at a time."""
 import numpy as np
 import pytest
 import torch
 
-import util.bootstrap as bootstrap
-from util.bootstrap import (EpisodeCounts, concat, paired_bootstrap, paired_bootstrap_strata, pooled_over_folds,
-                            pooled_over_seeds)
-from util.metrics import FewShotMeter
+import evaluation.bootstrap as bootstrap
+from evaluation.bootstrap import (EpisodeCounts, concat, paired_bootstrap, paired_bootstrap_strata, pooled_over_folds,
+                                  pooled_over_seeds)
+from evaluation.metrics import FewShotMeter
 
 DRAWS = 1000
 SEED = 7

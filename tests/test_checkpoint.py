@@ -20,7 +20,8 @@ from model.backbones import BACKBONES
 from model.pspnet import PSPNet
 from util.checkpoint import (CheckpointError, CheckpointMismatch, checkpoint_path, load_imagenet_backbone,
                              load_pspnet, load_weights)
-from util.config import REPO_ROOT, load_config
+from util.config import load_config
+from util.paths import REPO_ROOT
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "checkpoint_keys"
 MANIFEST_FILES = sorted(MANIFESTS.glob("*.json")) if MANIFESTS.is_dir() else []
@@ -300,7 +301,7 @@ def test_torchvision_resnet_is_refused_with_hint(tmp_path):
     with pytest.raises(CheckpointMismatch, match=r"layer0\.0\.weight file \[64, 3, 7, 7\]") as err:
         load_imagenet_backbone(meta_model("msanet", "resnet50"), tmp_path / "resnet50-tv.pth", "resnet50")
     assert "torchvision's ResNet" in str(err.value) and "missing (12): layer0.3.weight" in str(err.value)
-    with pytest.raises(ValueError, match="unknown backbone 'resnet18'"):
+    with pytest.raises(ValueError, match=r"backbone 'resnet18' is not the model's \('resnet50'\)"):
         load_imagenet_backbone(meta_model("msanet", "resnet50"), tmp_path / "resnet50-tv.pth", "resnet18")
 
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from util.config import (REPO_ROOT, SCHEMA, CfgNode, ConfigError, backbone_name,
-                         config_summary, load_config, repo_path)
+from util.config import (SCHEMA, CfgNode, ConfigError, backbone_name,
+                         config_summary, load_config)
+from util.paths import REPO_ROOT, repo_path
 
 CONFIG_DIR = REPO_ROOT / "config"
 BACKBONES = ("vgg", "resnet50", "resnet101")
@@ -54,14 +55,17 @@ def test_release_config_values(path: Path):
     assert (cfg.loop_ft, cfg.ft_number, cfg.ft_base_lr, cfg.ft_power) == (True, 5, 0.005, 0.9)
     assert cfg.change_weighting == [0.8, 0.2] and cfg.q2s_filt_para == 0.2
     assert (cfg.momentum, cfg.weight_decay) == (0.9, 0.0001)
-    assert (cfg.kshot_trans_dim, cfg.zoom_factor, cfg.ignore_label, cfg.classes) == (2, 8, 255, 2)
-    assert cfg.batch_size_val == 1 and cfg.resized_val and cfg.ori_resize
-    assert cfg.low_fea == "layer2" and cfg.show == "" and cfg.show_ft == ""
+    assert (cfg.kshot_trans_dim, cfg.zoom_factor) == (2, 8)
+    # keys this code does not read: accepted at the values it works with, and reported
+    assert {"ignore_label", "classes", "batch_size_val", "resized_val", "ori_resize", "low_fea",
+            "ann_type", "resume", "scale_min"} <= set(cfg.ignored_keys)
+    assert "ignore_label" not in cfg and "resume" not in cfg
+    assert cfg.show == "" and cfg.show_ft == ""
     assert cfg.test_num == 1000 and cfg.num_seeds == 6
     # paths are relative to the repository root
     root = "data/VOCdevkit2012/VOC2012" if pascal else "data/MSCOCO2014"
     assert cfg.data_root == root
-    assert cfg.base_data_root == f"data/base_annotation/{ds}"
+    assert "base_data_root" in cfg.ignored_keys  # base labels come from the label maps (dataset/fewshot.py)
     assert cfg.val_list == f"lists/{ds}/val.txt"
     # checkpoint names: {bb}_{split}_{miou}.pth and {bb}_5_{split}_{miou}.pth
     assert re.fullmatch(rf"{bb}_{split}_0\.\d{{4}}\.pth", cfg.weight)
@@ -211,8 +215,26 @@ def test_five_shot_rule_on_release_configs():
 
 
 def test_empty_yaml_value_means_empty_string(tmp_path):
-    cfg = load_config(write_cfg(tmp_path, "Train:\n  resume:\n"))
-    assert cfg.resume == ""
+    cfg = load_config(write_cfg(tmp_path, "Test_Finetune:\n  show:\n"))
+    assert cfg.show == ""
+
+
+def test_reference_keys_not_read_are_reported_or_refused(tmp_path):
+    path = write_cfg(tmp_path, "Train:\n  scale_min: 0.5\n  warmup: True\n  ignore_label: 255\n")
+    cfg = load_config(path, ["resume", "x.pth"])
+    assert cfg.ignored_keys == ["ignore_label", "resume", "scale_min", "warmup"]
+    assert config_summary(cfg).splitlines()[-1] == \
+        "ignored (reference keys this code does not read): ignore_label, resume, scale_min, warmup"
+    assert not any(key in cfg for key in cfg.ignored_keys)
+    with pytest.raises(ConfigError, match=r"key 'ann_type' is 'bbox', but this code always works as with "
+                                          r"ann_type: 'mask'"):
+        load_config(path, ["ann_type", "bbox"])
+    with pytest.raises(ConfigError, match="key 'resized_val' is False"):
+        load_config(path, ["resized_val", "False"])
+    with pytest.raises(ConfigError, match="key 'classes' is 3"):
+        load_config(path, ["classes", "3"])
+    with pytest.raises(ConfigError, match="key 'ignore_label' is 0"):
+        load_config(write_cfg(tmp_path, "Train:\n  ignore_label: 0\n"))
 
 
 def test_missing_file_and_bad_layout(tmp_path):

@@ -7,7 +7,6 @@ and run. A two-shot MobileNetV2 MSANet at 33 px keeps this fast.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 from model import MSANet
 from model.contract import check_adapt_inputs, check_forward_inputs
-from model.eftnet import EFTNet
+from model.eftnet import EFTNet, EFTNetSettings
 
 SIZE = 33
 SHOT = 2
@@ -39,11 +38,8 @@ def make_inputs() -> dict:
                 support_masks=masks, padding=padding, query_mask=query_mask.masked_fill(padding, 255))
 
 
-def make_cfg(**overrides) -> SimpleNamespace:
-    values = dict(ft_number=2, ft_base_lr=0.001, ft_power=0.9, momentum=0.9, weight_decay=1e-4,
-                  sr_aux_weight1=1.0, change_weighting=[0.8, 0.2], q2s_filt_para=0.2, s2q_query_mask="pseudo")
-    values.update(overrides)
-    return SimpleNamespace(**values)
+def make_settings(**overrides) -> EFTNetSettings:
+    return EFTNetSettings(**dict(dict(rounds=2, base_lr=0.001), **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +136,7 @@ def call_forward(model, inputs: dict):
 
 
 def call_adapt(model, inputs: dict, **cfg):
-    return EFTNet(model, make_cfg(**cfg)).adapt(**inputs)
+    return EFTNet(model, make_settings(**cfg)).adapt(**inputs)
 
 
 def assert_refused(call: Callable[[], object], name: str, fragments: list[str]) -> None:
@@ -217,7 +213,7 @@ def test_valid_inputs_run_through_forward(model):
 
 def test_valid_inputs_run_through_adapt(model):
     inputs = make_inputs()
-    res = call_adapt(model, inputs, s2q_query_mask="ground_truth")
+    res = call_adapt(model, inputs, query_mask_source="ground_truth")
     assert res.final.shape == (1, 2, SIZE, SIZE) and len(res.round_scores) == 2
     uint8 = call_adapt(model, {**inputs, "support_masks": inputs["support_masks"].to(torch.uint8),
                                "query_mask": inputs["query_mask"].to(torch.uint8), "padding": None})

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 
 from benchmarks.common import predict_foreground, random_episode
 from model import BAM, MSANet
-from model.eftnet import EFTNet
+from model.eftnet import EFTNet, EFTNetSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -62,9 +61,7 @@ def test_forward_on_cuda_equals_cpu(arch, backbone, shot):
                                                   ("BAM", "vgg", 1)])
 def test_episode_on_cuda_equals_cpu(arch, backbone, shot):
     model, episode = build(arch, backbone, shot, 121)
-    settings = types.SimpleNamespace(ft_number=5, ft_base_lr=0.005, ft_power=0.9, momentum=0.9, weight_decay=1e-4,
-                                     sr_aux_weight1=0.9, change_weighting=[0.8, 0.2], q2s_filt_para=0.2,
-                                     s2q_query_mask="pseudo", similarity_cache_mb=1024)
+    settings = EFTNetSettings(aux_weight=0.9)
 
     def adapt(device: torch.device):
         ep = on(device, episode)

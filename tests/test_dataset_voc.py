@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from util.dataset import EpisodeDataset, build_episode_dataset
-from util.episodes import Episode
-from util.get_mulway_base_data import main as base_data_main
-from util.lists import read_data_list, read_label
-from util.splits import base_label_lut
-from util.transforms import MEAN, STD, padding_map, resized_hw
+from dataset.fewshot import EpisodeDataset, build_episode_dataset
+from dataset.episodes import Episode
+from dataset.get_mulway_base_data import main as base_data_main
+from dataset.lists import read_data_list, read_label
+from dataset.splits import base_label_lut
+from dataset.transforms import MEAN, STD, padding_map, resized_hw
 
 NAMES = ("2011_000003", "2011_000006", "2011_000025")
 CLASSES = {"2011_000003": {5, 15}, "2011_000006": {9, 15, 18}, "2011_000025": {6, 7}}

@@ -4,9 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-import util.demo_data as demo
-from util.lists import read_data_list, read_label, read_sub_class_file_list
-from util.splits import base_classes, novel_classes
+import dataset.demo as demo
+from dataset.lists import read_data_list, read_label, read_sub_class_file_list
+from dataset.splits import base_classes, novel_classes
 
 NUM_TRAIN, NUM_VAL = 60, 80
 

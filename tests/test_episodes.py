@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from util.dataset import EpisodeDataset, build_episode_dataset
-from util.episodes import Episode, load_episodes, make_episodes, save_episodes
-from util.lists import write_fss_lists
+from dataset.fewshot import EpisodeDataset, build_episode_dataset
+from dataset.episodes import Episode, load_episodes, make_episodes, save_episodes
+from dataset.lists import fss_list_files, write_fss_lists
 
 NOVEL = [1, 2, 3, 4, 5]  # PASCAL / demo fold 0
 
@@ -129,7 +129,7 @@ def _cfg(tmp_path, root, **kw):
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 def test_dataset_items_identical_with_0_and_4_workers(tmp_path, caplog):
     root = _write_tree(tmp_path)
-    with caplog.at_level(logging.INFO, logger="util.dataset"):
+    with caplog.at_level(logging.INFO, logger="dataset.fewshot"):
         dataset, episodes = build_episode_dataset(_cfg(tmp_path, root), seed=7)
     assert "building the fold-0 lists" in caplog.text
     assert len(dataset) == 12 and episodes[0].query == ("JPEGImages/q0.jpg",
@@ -181,7 +181,7 @@ def test_fss_list_files_and_episode_file(tmp_path):
         return (str(root / "JPEGImages" / pair[0]),
                 str(root / "SegmentationClassAug" / f"{pair[1]}.png"))
 
-    write_fss_lists(str(tmp_path / "lists" / "pascal" / "fss_list" / "val"), 0,
+    write_fss_lists(fss_list_files(tmp_path / "lists", "pascal", "val", 0),
                     [full(p) for p in data], {c: [full(p) for p in v] for c, v in sub.items()},
                     str(root))
     cfg = _cfg(tmp_path, root, val_list=None, lists_root=str(tmp_path / "lists"))

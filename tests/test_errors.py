@@ -19,11 +19,12 @@ import yaml
 import meta_test
 import train
 from model import build_model
-from util import demo_data, get_mulway_base_data, report
+from dataset import demo as demo_data, get_mulway_base_data
+from evaluation import report
 from util.config import load_config
-from util.episodes import load_episodes, save_episodes
+from dataset.episodes import load_episodes, save_episodes
 from util.errors import DataError, describe
-from util.evaluation import per_round_mean
+from evaluation.records import per_round_mean
 
 from tests.tiny_demo import tiny_demo
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from util.lists import (build_fss_lists, read_data_list, read_label, read_sub_class_file_list,
-                        write_fss_lists)
+from dataset.lists import (build_fss_lists, fss_list_files, read_data_list, read_label, read_sub_class_file_list,
+                           write_fss_lists)
 
 BAM = "../data/VOCdevkit2012/VOC2012/"
 
@@ -137,8 +137,8 @@ def test_write_then_read_round_trip(tmp_path):
     lst.write_text("".join(_line(n) for n in labels))
     data, sub = build_fss_lists(read_data_list(str(lst), str(root)), [1, 2, 3, 4, 5], "val")
     assert [os.path.basename(p[1]) for p in data] == ["A.png", "C.png"]
-    out = tmp_path / "fss_list" / "val"
-    write_fss_lists(str(out), 0, data, sub, str(root))
+    out = tmp_path / "demo" / "fss_list" / "val"
+    write_fss_lists(fss_list_files(tmp_path, "demo", "val", 0), data, sub, str(root))
     assert (out / "data_list_0.txt").read_text().splitlines()[0] == \
         "JPEGImages/A.jpg SegmentationClassAug/A.png"
     assert read_data_list(str(out / "data_list_0.txt"), str(root)) == data

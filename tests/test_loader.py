@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import cv2, numpy as np, torch
-import util.dataset as dataset
+import dataset.fewshot as dataset
 from torch.utils.data import Dataset
 
 class Resizes(Dataset):

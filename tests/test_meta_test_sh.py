@@ -20,7 +20,7 @@ def test_meta_test_sh_on_two_demo_folds(tmp_path):
     done = subprocess.run(["bash", "meta_test.sh", "demo", "mobilenetv2", "1", "0", "1"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    out = tmp_path / "exp" / "demo" / "mobilenetv2_1shot" / "tiny"
+    out = tmp_path / "exp" / "demo" / "MSANet_mobilenetv2_1shot" / "tiny"
     for split in (0, 1):
         results = json.loads((out / f"split{split}" / "results.json").read_text())
         assert results["split"] == split and results["uses_query_labels"] is False
@@ -43,7 +43,7 @@ def test_meta_test_sh_bad_input_is_one_message(tmp_path):
     assert done.returncode == 2, output
     assert "Traceback" not in output
     assert "meta_test.py: error: unknown config key 'shto' in --opts; did you mean" in output
-    assert not (tmp_path / "exp" / "demo" / "mobilenetv2_1shot" / "bad" / "summary.txt").exists()
+    assert not (tmp_path / "exp" / "demo" / "MSANet_mobilenetv2_1shot" / "bad" / "summary.txt").exists()
 
 
 @pytest.mark.skipif(not (REPO / "weights" / "demo" / "split0" / "mobilenetv2" / "demo_split0.pth").exists(),
@@ -55,7 +55,7 @@ def test_ablation_sh_gives_one_table_of_variants(tmp_path):
     done = subprocess.run(["bash", "ablation.sh", "demo", "mobilenetv2", "1", "0"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    root = tmp_path / "exp" / "demo" / "mobilenetv2_1shot"
+    root = tmp_path / "exp" / "demo" / "MSANet_mobilenetv2_1shot"
     reference = json.loads((root / "ablation_reference" / "split0" / "results.json").read_text())
     no_q2s = json.loads((root / "ablation_no_q2s" / "split0" / "results.json").read_text())
     def setting(variant: str) -> bool:

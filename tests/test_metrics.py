@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from util.metrics import (BaseClassMeter, FewShotMeter, episode_counts, intersection_union,
-                          original_resolution)
+from evaluation.metrics import (BaseClassMeter, FewShotMeter, episode_counts, intersection_union,
+                                original_resolution)
 
 
 def reference_counts(pred, target, k, ignore=255):

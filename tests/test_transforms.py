@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.transforms import MEAN, STD, padding_map, resized_hw, transform_image, transform_label
+from dataset.transforms import MEAN, STD, padding_map, resized_hw, transform_image, transform_label
 
 
 @pytest.mark.parametrize("h, w, size, expected", [

@@ -10,7 +10,7 @@ import yaml
 
 from model import build_model
 from util.config import load_config
-from util.demo_data import generate_demo
+from dataset.demo import generate_demo
 
 
 def tiny_demo(root: Path, method: dict, test_finetune: dict, foreground_bias: Optional[float] = None) -> Path:

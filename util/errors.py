@@ -1,8 +1,8 @@
 """Project error classes, and the one place where entry scripts turn them into exits.
 
 Library code raises exceptions whose message names the thing that is wrong and what to do
-(DESIGN.md, section 7); only the entry scripts (meta_test.py, train.py, util/demo_data.py,
-util/report.py, util/get_mulway_base_data.py) end the process, through ``user_errors``: one
+(DESIGN.md, section 7); only the entry scripts (meta_test.py, train.py, dataset/demo.py,
+evaluation/report.py, dataset/get_mulway_base_data.py) end the process, through ``user_errors``: one
 line on stderr and a non-zero exit, the traceback only with ``--debug``. Exceptions that are
 not a user's mistake (a bug) keep their traceback.
 """
@@ -27,6 +27,16 @@ class UsageError(ProjectError, ValueError):
     """A command-line or config value that cannot work."""
 
     exit_code = USAGE_EXIT
+
+
+class ConfigError(UsageError):
+    """A config file or override is invalid (a ValueError; entry scripts exit with 2)."""
+
+
+class ConfigFileNotFound(FileNotFoundError):
+    """The config file does not exist (entry scripts exit with 2, a usage error)."""
+
+    exit_code = UsageError.exit_code
 
 
 class DataError(ProjectError, ValueError):

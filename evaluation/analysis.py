@@ -4,8 +4,8 @@ The evaluator adds to each EFTNet episode record (``record["rounds"]``) the coun
 round's query prediction against the label (``counts``, computed by the evaluator at original
 resolution, like the other counts) and, when asked, the ground-truth s2q scores (``gt_scores``,
 from the engine's observer probe). From those, ``analyse`` applies each rule of
-``util.selection`` to the same episodes, measures it like the base model (class mIoU, FB-IoU),
-and compares it with the zero round by the paired bootstrap of ``util.bootstrap``: per seed,
+``evaluation.selection`` to the same episodes, measures it like the base model (class mIoU, FB-IoU),
+and compares it with the zero round by the paired bootstrap of ``evaluation.bootstrap``: per seed,
 and pooled over seeds (each seed resampled within itself).
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from util.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, EpisodeCounts, concat, paired_bootstrap,
-                            pooled_over_folds, pooled_over_seeds)
-from util.metrics import episode_counts
-from util.selection import ORACLE, S2Q, S2Q_GT, ZERO, EpisodeRounds, round_counts, select_all
+from evaluation.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, EpisodeCounts, concat, paired_bootstrap,
+                                  pooled_over_folds, pooled_over_seeds)
+from evaluation.metrics import episode_counts
+from evaluation.selection import ORACLE, S2Q, S2Q_GT, ZERO, EpisodeRounds, round_counts, select_all
 
 COUNTS_FILE = "episode_counts.json"  # beside results.json: what the fold summary's intervals need
 PLOTTED_RULES = (S2Q, S2Q_GT, ORACLE)
@@ -179,7 +179,7 @@ def tensorboard_scalars(analysis: dict, prefix: str) -> dict[str, float]:
 
 def write_plots(out: Path, per_seed: Mapping[int, dict], pooled: dict) -> dict[str, np.ndarray]:
     """The five PNGs of a run (all seeds together) in ``out``; returns them by name for TensorBoard."""
-    from util import plots  # matplotlib only where plots are drawn, not for every importer of the records
+    from evaluation import plots  # matplotlib only where plots are drawn, not for every importer of the records
 
     analyses = list(per_seed.values())
     episodes = [e for a in analyses for e in a["_"]["episodes"]]
@@ -217,7 +217,7 @@ def _ragged_mean(values: Sequence[Sequence[float]]) -> list[float]:
     return [float(np.mean([v[r] for v in values if len(v) > r])) for r in range(length)]
 
 
-# ---- the fold summary (meta_test.sh / util.report) --------------------------------------------
+# ---- the fold summary (meta_test.sh / evaluation.report) --------------------------------------------
 def save_rule_counts(path: Path, per_seed: Mapping[int, dict], num_classes: int) -> None:
     """Each rule's per-episode bg/fg counts of every seed, compact, so the fold summary can
     resample episodes without the records: {"num_classes", "seeds": {seed: {"class_idx",

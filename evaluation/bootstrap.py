@@ -5,7 +5,7 @@ standard error do not apply, and 1,000 episodes leave a seed-to-seed spread of a
 The honest question is "is method A better than the zero round Z *on these episodes*?":
 resample the episodes with replacement, the same draw for both methods (so the episode-to-episode
 difficulty cancels), recompute each method's class mIoU and FB-IoU from the summed counts exactly
-as ``util.metrics.FewShotMeter`` does, and take the percentile interval of the difference A - Z.
+as ``evaluation.metrics.FewShotMeter`` does, and take the percentile interval of the difference A - Z.
 
 Everything is vectorised: a draw is a row of a [draws, episodes] matrix of how often each episode
 was picked, and a block of rows times the per-episode count columns gives every draw's sums in one
@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from util.metrics import EPS
+from evaluation.metrics import EPS
 
 DEFAULT_DRAWS = 2000
 DEFAULT_SEED = 2024
@@ -65,7 +65,7 @@ class EpisodeCounts:
     @classmethod
     def from_counts(cls, class_idx: Sequence[int], counts: Sequence, num_classes: int) -> "EpisodeCounts":
         """From per-episode record counts ``[[inter_bg, inter_fg], [union_bg, union_fg], [target_bg,
-        target_fg]]`` (``util.evaluation.episode_record``'s layout), or an array [E, 3, 2]."""
+        target_fg]]`` (``evaluation.records.episode_record``'s layout), or an array [E, 3, 2]."""
         array = np.asarray(counts, dtype=np.int64).reshape(-1, 3, 2)
         return cls(np.asarray(class_idx), array[:, 0], array[:, 1], num_classes)
 

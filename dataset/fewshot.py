@@ -1,9 +1,9 @@
 """Few-shot test episodes as a torch Dataset, and building them from a config.
 
 Every item is a named dict (see EpisodeDataset.__getitem__). The episode list is fixed before
-the dataset exists (util/episodes.py), so items do not depend on DataLoader workers. Base
+the dataset exists (dataset/episodes.py), so items do not depend on DataLoader workers. Base
 labels are computed on the fly with the base-annotation lookup table instead of read from
-``base_annotation/`` PNGs (identical values, see util/get_mulway_base_data.py).
+``base_annotation/`` PNGs (identical values, see dataset/get_mulway_base_data.py).
 """
 from __future__ import annotations
 
@@ -11,60 +11,22 @@ import logging
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from dataset.episodes import Episode, load_episodes, make_episodes
+from dataset.images import read_image
+from dataset.lists import (Pair, build_fss_lists, fss_list_files, read_data_list, read_label,
+                           read_sub_class_file_list)
+from dataset.splits import base_label_lut, novel_classes, num_classes
+from dataset.transforms import padding_map, resized_hw, transform_image, transform_label
+from model.contract import IGNORE
 from util.errors import DataError
+from util.paths import repo_path
 
-# OpenCV's own thread pool: one image at a time needs none (loader workers give the parallelism),
-# it would compete with the engine's threads, and a pool started in the main process leaves
-# forked loader workers hanging in their first resize.
-cv2.setNumThreads(1)
-from util.episodes import Episode, load_episodes, make_episodes
-from util.lists import (Pair, build_fss_lists, read_data_list, read_label,
-                        read_sub_class_file_list)
-from util.splits import IGNORE, base_label_lut, novel_classes, num_classes
-from util.transforms import padding_map, resized_hw, transform_image, transform_label
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LISTS_ROOT = "lists"  # SCHEMA's lists_root: without its files the plain val_list is used
 log = logging.getLogger(__name__)
-JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
-
-
-def _jpeg_truncated(data: bytes, path: str) -> bool:
-    """Whether a JPEG file was cut short. libjpeg decodes a truncated file anyway (the lost
-    rows grey) with only a warning, so a cut file would silently change the numbers. A complete
-    file ends with the end-of-image marker; for the rare file with bytes after it, PIL's
-    decoder, which raises on a truncated stream, decides."""
-    if not data.startswith(JPEG_START) or data.rstrip(b"\x00\r\n ")[-2:] == JPEG_END:
-        return False
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except (OSError, SyntaxError, ValueError):
-        return True
-    return False
-
-
-def read_image(path: str) -> np.ndarray:
-    """Image file as float32 HxWx3 RGB (decoded with cv2 like the reference); a truncated or
-    undecodable file raises DataError naming it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise DataError(f"cannot decode image file {path} (empty, truncated or not an image)")
-    if _jpeg_truncated(data, path):
-        raise DataError(f"image file {path} is truncated (a JPEG cut short): replace it with a complete copy")
-    return np.float32(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-
-
 def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
     """int64 mask: class_id -> 1, void 255 stays 255, everything else -> 0."""
     mask = (label == class_id).astype(np.int64)
@@ -147,11 +109,8 @@ class EpisodeDataset(Dataset):
 
 
 def _resolve(path: str | None) -> Path | None:
-    """Config path: relative paths are relative to the repository root."""
-    if not path:
-        return None
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
+    """A config path that may be unset (None or empty)."""
+    return repo_path(path) if path else None
 
 
 def _relative(pairs: list[Pair], root: Path) -> list[Pair]:
@@ -222,9 +181,7 @@ def build_episode_dataset(cfg, seed: int) -> tuple[EpisodeDataset, list[Episode]
     else:
         given = str(getattr(cfg, "lists_root", None) or "")
         lists_root = _resolve(given or DEFAULT_LISTS_ROOT)
-        fss_dir = lists_root / data_set / "fss_list" / "val"
-        data_path = fss_dir / f"data_list_{split}.txt"
-        sub_path = fss_dir / f"sub_class_file_list_{split}.txt"
+        data_path, sub_path = fss_list_files(lists_root, data_set, "val", split)
         val_list = _resolve(getattr(cfg, "val_list", None))
         if given and data_path.is_file() and sub_path.is_file():
             data_list = read_data_list(str(data_path), str(root))
@@ -254,3 +211,8 @@ def episode_loader(dataset: EpisodeDataset, indices: list[int], workers: int, de
     loaded by ``workers`` processes ahead of the engine; pinned memory for CUDA copies."""
     return DataLoader(Subset(dataset, indices), batch_size=None, shuffle=False, num_workers=workers,
                       pin_memory=device.type == "cuda")
+
+
+def to_device(episode: dict, device: torch.device) -> dict:
+    """A loader's episode as a batch of one (the batch axis added) with its tensors on ``device``."""
+    return {k: v.unsqueeze(0).to(device) if torch.is_tensor(v) else v for k, v in episode.items()}

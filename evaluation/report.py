@@ -1,7 +1,8 @@
 """Table of several folds' results (the ``results.json`` files meta_test.py writes) and their mean.
 
-    python -m util.report exp/demo/.../split0/results.json exp/demo/.../split1/results.json ...
-    python -m util.report --ablation exp/demo/mobilenetv2_1shot      (the runs of ablation.sh)
+    python -m evaluation.report exp/demo/.../split0/results.json exp/demo/.../split1/results.json ...
+    python -m evaluation.report --ablation exp/demo/MSANet_mobilenetv2_1shot   (the runs of ablation.sh)
+    python -m evaluation.report --miniature exp/miniature/default/demo       (the runs of miniature.sh)
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from util.analysis import COUNTS_FILE, folds_comparison, load_rule_counts, rule_label
-from util.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED
+from evaluation.analysis import COUNTS_FILE, folds_comparison, load_rule_counts, rule_label
+from evaluation.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED
+from evaluation.published import comparison_table
+from evaluation.tables import method_values, side_by_side
 from util.errors import DataError, user_errors
-from util.published import comparison_table
 
 REQUIRED = ("split", "zero")  # keys every results.json of meta_test.py holds
 
@@ -21,24 +23,14 @@ REQUIRED = ("split", "zero")  # keys every results.json of meta_test.py holds
 def fold_table(results: list[dict]) -> str:
     """Per fold: mean over seeds of class mIoU and FB-IoU, base model vs EFTNet; then the mean."""
     with_eftnet = all("eftnet" in r for r in results)
-    head = f"{'fold':>4} | {'mIoU base':>9} {'FB-IoU base':>11}"
-    if with_eftnet:
-        head += f" | {'mIoU EFTNet':>11} {'FB-IoU EFTNet':>13} | {'dmIoU':>6} {'dFB-IoU':>7}"
-    rows, sums = [head, "-" * len(head)], None
-    for r in results:
-        values = [100 * r["zero"]["miou_mean"], 100 * r["zero"]["fbiou_mean"]]
-        if with_eftnet:
-            values += [100 * r["eftnet"]["miou_mean"], 100 * r["eftnet"]["fbiou_mean"]]
-        sums = values if sums is None else [a + b for a, b in zip(sums, values)]
-        rows.append(_row(str(r["split"]), values, with_eftnet))
-    rows.append("-" * len(head))
-    rows.append(_row("mean", [v / len(results) for v in sums], with_eftnet))
+    rows = [(str(r["split"]), method_values(r, with_eftnet, "_mean")) for r in results]
+    table = side_by_side("fold", rows, with_eftnet)
     notes = {f"EFTNet s2q query mask: {r['s2q_query_mask']}" for r in results if with_eftnet}
     if any(r.get("uses_query_labels") for r in results):
         notes.add("round selection read the query ground-truth labels (reference behaviour)")
     # A fold's warnings travel with its numbers: the summary is never read without them.
     warnings = [f"WARNING (fold {r['split']}): {w}" for r in results for w in r.get("warnings", [])]
-    return "\n".join(rows + sorted(notes) + list(dict.fromkeys(warnings)))
+    return "\n".join([table] + sorted(notes) + list(dict.fromkeys(warnings)))
 
 
 def rules_table(results: list[dict], counts: list[Optional[dict]]) -> Optional[str]:
@@ -134,6 +126,59 @@ def published_table(results: list[dict], counts: list[Optional[dict]]) -> Option
     return comparison_table(data_set, arch, backbone, shot, ours, fold_intervals, mean_interval)
 
 
+def miniature_runs(root: str | Path) -> dict[tuple[str, str, int], list[Path]]:
+    """The settings under ``root`` (miniature.sh's runs): {(arch, backbone, shot): [results.json
+    per fold]}, read from the files themselves."""
+    runs: dict[tuple[str, str, int], list[Path]] = {}
+    seen: dict[tuple, Path] = {}
+    for path in sorted(Path(root).glob("*/*/split*/results.json")):
+        r = read_results(path)
+        setting = (r.get("arch", "MSANet"), r.get("backbone", "?"), int(r.get("shot", 1)))
+        if (*setting, r["split"]) in seen:
+            raise DataError(f"{path} and {seen[(*setting, r['split'])]} are two runs of the same setting and fold: "
+                            "give a root that holds one run per setting (miniature.sh's EXP)")
+        seen[(*setting, r["split"])] = path
+        runs.setdefault(setting, []).append(path)
+    if not runs:
+        raise FileNotFoundError(f"no */*/split*/results.json under {root} (run miniature.sh first)")
+    return runs
+
+
+def _setting_cells(paths: list[Path]) -> tuple[str, str]:
+    """A setting's base-model cell and EFTNet cell: class mIoU mean over folds, EFTNet's gain in
+    parentheses with its paired interval over folds."""
+    results, counts = [read_results(p) for p in paths], [read_counts(p) for p in paths]
+    zero = sum(100 * r["zero"]["miou_mean"] for r in results) / len(results)
+    if not all("eftnet" in r for r in results):
+        return f"{zero:.2f}", "-"
+    eft = sum(100 * r["eftnet"]["miou_mean"] for r in results) / len(results)
+    rule = "s2q_gt" if results[0].get("uses_query_labels") else "s2q"
+    both = folds_comparison(counts, rule, results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS),
+                            results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)) \
+        if all(c is not None for c in counts) else None
+    interval = f" [{100 * both['miou']['low']:+.2f},{100 * both['miou']['high']:+.2f}]" if both else ""
+    return f"{zero:.2f}", f"{eft:.2f} ({eft - zero:+.2f}){interval}"
+
+
+def miniature_table(runs: dict[tuple[str, str, int], list[Path]]) -> str:
+    """The paper's table in miniature: per base model and backbone, a base-model row and an
+    EFTNet row; columns 1-shot and 5-shot (class mIoU in %, mean over folds)."""
+    shots = sorted({shot for _, _, shot in runs})
+    width = 34
+    head = f"{'class mIoU (%), mean over folds':<32} | " + " | ".join(f"{f'{s}-shot':<{width}}" for s in shots)
+    lines = [head, "-" * len(head)]
+    for arch, backbone in sorted({(a, b) for a, b, _ in runs}, key=lambda k: (k[0] != "MSANet", k)):
+        cells = {s: _setting_cells(runs[(arch, backbone, s)]) if (arch, backbone, s) in runs else ("-", "-")
+                 for s in shots}
+        folds = sorted({len(runs[k]) for k in runs if k[:2] == (arch, backbone)})
+        for row, label in ((0, f"{arch} ({backbone})"), (1, "  + EFTNet")):
+            lines.append(f"{label:<32} | " + " | ".join(f"{cells[s][row]:<{width}}" for s in shots))
+        lines[-2] += f"   ({'/'.join(map(str, folds))} folds)"
+    lines.append("EFTNet: label-free round selection unless marked; (gain over the base model) [95% paired "
+                 "bootstrap interval of the mean over folds, each fold resampled on its own].")
+    return "\n".join(lines)
+
+
 def read_counts(results_path: str | Path) -> Optional[dict]:
     """The per-rule counts meta_test.py wrote beside a results.json; None if absent."""
     path = Path(results_path).with_name(COUNTS_FILE)
@@ -172,23 +217,22 @@ def read_results(path: str | Path) -> dict:
     return results
 
 
-def _row(name: str, v: list[float], with_eftnet: bool) -> str:
-    text = f"{name:>4} | {v[0]:9.2f} {v[1]:11.2f}"
-    if with_eftnet:
-        text += f" | {v[2]:11.2f} {v[3]:13.2f} | {v[2] - v[0]:+6.2f} {v[3] - v[1]:+7.2f}"
-    return text
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="*", help="results.json files, one per fold")
     parser.add_argument("--ablation", metavar="ROOT", help="the ablation table of ablation.sh's runs under ROOT")
+    parser.add_argument("--miniature", metavar="ROOT", help="the paper-shaped table of miniature.sh's runs under ROOT")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
-    if bool(args.results) == bool(args.ablation):
-        parser.error("give results.json files, or --ablation ROOT")
-    with user_errors("util/report.py", args.debug):
-        table = ablation_table(ablation_runs(args.ablation)) if args.ablation else summary(args.results)
+    if sum(map(bool, (args.results, args.ablation, args.miniature))) != 1:
+        parser.error("give results.json files, --ablation ROOT or --miniature ROOT")
+    with user_errors("evaluation/report.py", args.debug):
+        if args.ablation:
+            table = ablation_table(ablation_runs(args.ablation))
+        elif args.miniature:
+            table = miniature_table(miniature_runs(args.miniature))
+        else:
+            table = summary(args.results)
     print(table)
     return table
 

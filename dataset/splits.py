@@ -10,7 +10,6 @@ import numpy as np
 
 _NUM_CLASSES = {"pascal": 20, "coco": 80, "demo": 20}
 NUM_FOLDS = 4
-IGNORE = 255
 
 
 def num_classes(data_set: str) -> int:

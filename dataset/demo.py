@@ -21,13 +21,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dataset.lists import build_fss_lists, fss_list_files, write_fss_lists
+from dataset.splits import NUM_FOLDS, base_classes, novel_classes
+from model.contract import IGNORE
 from util.errors import UsageError, user_errors
-from util.lists import build_fss_lists, write_fss_lists
-from util.splits import base_classes, novel_classes
 
 NUM_CLASSES = 20
-NUM_FOLDS = 4
-VOID = 255
 NUM_TRAIN = 1800
 NUM_VAL = 800
 DEFAULT_SIZE = 200
@@ -238,7 +237,7 @@ def render_sample(split: str, idx: int, seed: int,
     img += rng.uniform(2, 7) * rng.standard_normal((h, w, 1), np.float32)  # luminance noise
     label = np.array([0] + placed, np.uint8)[owner]
     kernel = np.ones((3, 3), np.uint8)  # VOC-like void band, ~2 px wide, on every border
-    label[cv2.dilate(label, kernel) != cv2.erode(label, kernel)] = VOID
+    label[cv2.dilate(label, kernel) != cv2.erode(label, kernel)] = IGNORE
     return cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR), label
 
 
@@ -278,7 +277,7 @@ def generate_demo(root: str | Path, seed: int = 0, num_train: int = NUM_TRAIN,
             classes = (base_classes if split == "train" else novel_classes)("demo", fold)
             # Labels are still in memory: reading 8 x N PNGs back would double the run time.
             data, sub = build_fss_lists(full, classes, split, DEMO_MIN_PIXELS, labels.__getitem__)
-            write_fss_lists(str(list_dir / "fss_list" / split), fold, data, sub, str(root))
+            write_fss_lists(fss_list_files(root / "lists", "demo", split, fold), data, sub, str(root))
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(_manifest(seed, num_train, num_val, size), indent=1) + "\n")
     os.replace(tmp, root / MANIFEST)
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
     make = generate_demo if args.force else ensure_demo
-    with user_errors("util/demo_data.py", args.debug):
+    with user_errors("dataset/demo.py", args.debug):
         make(args.root, args.seed, args.num_train, args.num_val, args.size)
 
 

@@ -1,11 +1,11 @@
 """Write base annotations: each label with base classes renumbered 1..B and novel classes 0.
 
-Same files as BAM's ``util/get_mulway_base_data.py`` (single-channel PNG, same basename, 0 and
+Same files as BAM's ``dataset/get_mulway_base_data.py`` (single-channel PNG, same basename, 0 and
 255 kept), computed with one lookup table per fold instead of a per-class loop. The evaluation
 loader does not need these files (it applies the same table on the fly); they are for tools
 that expect BAM's ``data/base_annotation/{dataset}/{mode}/{split}/`` folders.
 
-    python -m util.get_mulway_base_data --data-set pascal --data-root data/VOCdevkit2012/VOC2012 \\
+    python -m dataset.get_mulway_base_data --data-set pascal --data-root data/VOCdevkit2012/VOC2012 \\
         --list lists/pascal/fss_list/val/data_list_0.txt --split 0 \\
         --out data/base_annotation/pascal/val/0
 """
@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 
 from util.errors import user_errors
-from util.lists import Pair, read_data_list, read_label
-from util.splits import base_label_lut
+from dataset.lists import Pair, read_data_list, read_label
+from dataset.splits import base_label_lut
 
 
 def write_base_annotations(pairs: list[Pair], out_dir: str, lut: np.ndarray) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
-    with user_errors("util/get_mulway_base_data.py", args.debug):
+    with user_errors("dataset/get_mulway_base_data.py", args.debug):
         lut = base_label_lut(args.data_set, args.split, args.use_split_coco)
         count = write_base_annotations(read_data_list(args.list, args.data_root), args.out, lut)
     print(f"wrote {count} base annotations to {args.out}")

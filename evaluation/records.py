@@ -7,15 +7,15 @@ and ranks under torchrun can sum what each of them evaluated.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 import torch
 
-from util.analysis import round_fields
-from util.metrics import BaseClassMeter, FewShotMeter, episode_counts
+from evaluation.analysis import round_fields
+from evaluation.metrics import BaseClassMeter, FewShotMeter, episode_counts
+from evaluation.tables import method_values, side_by_side
 
 FIXED_SEED = 321  # EFTNet appends this seed to the drawn ones
 DRAWN_SEEDS = 5
@@ -35,14 +35,6 @@ def per_round_mean(values: list[list[float]]) -> list[float]:
     have shorter lists, so the lists are ragged and ``np.mean(values, 0)`` would fail."""
     length = max((len(v) for v in values), default=0)
     return [float(np.mean([v[r] for v in values if len(v) > r])) for r in range(length)]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file renamed over it: a kill leaves the old file or
-    the new one, never a torn one."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _counts(logits: torch.Tensor, label: torch.Tensor, classes: int) -> list[list[int]]:
@@ -102,6 +94,26 @@ class RecordFile:
         return records
 
 
+class RunningMiou:
+    """Class mIoU per method over the episodes seen so far (progress bar, TensorBoard)."""
+
+    def __init__(self, num_novel: int):
+        self.meters = {"zero": FewShotMeter(num_novel), "eftnet": FewShotMeter(num_novel)}
+        self.seen: set[str] = set()
+
+    def add(self, record: dict) -> None:
+        for method, meter in self.meters.items():
+            if method in record:
+                meter.add(record["class_idx"], *record_counts(record[method]["final"]))
+                self.seen.add(method)
+
+    def values(self) -> dict[str, float]:
+        return {method: meter.class_miou() for method, meter in self.meters.items() if method in self.seen}
+
+    def postfix(self) -> dict[str, str]:
+        return {method: f"{100 * value:.1f}" for method, value in self.values().items()}
+
+
 class Scores:
     """Meters of one run (one seed) for the base model and EFTNet."""
 
@@ -144,31 +156,27 @@ class Scores:
             out["stopped_early"] = self.stopped_early
         return out
 
+    def seed_summary(self, with_eftnet: bool, rounds: int) -> dict:
+        """What results.json keeps of one seed: ``summary`` plus the mean s2q score of each
+        round and how often each round was chosen."""
+        out = self.summary(with_eftnet)
+        out["mean_round_scores"] = per_round_mean(self.round_scores)
+        out["chosen_rounds"] = np.bincount(self.chosen, minlength=rounds + 1)[1:].tolist() if self.chosen else []
+        return out
+
+
+def method_means(per_seed: dict[int, dict], with_eftnet: bool) -> dict[str, dict[str, float]]:
+    """Mean and best over seeds of each method's class mIoU and FB-IoU."""
+    means = {}
+    for method in ("zero", "eftnet") if with_eftnet else ("zero",):
+        values = np.array([[s[method]["miou"], s[method]["fbiou"]] for s in per_seed.values()])
+        means[method] = {"miou_mean": values[:, 0].mean(), "fbiou_mean": values[:, 1].mean(),
+                         "miou_best": values[:, 0].max(), "fbiou_best": values[:, 1].max()}
+    return means
+
 
 def format_table(per_seed: dict[int, dict], with_eftnet: bool) -> str:
-    """Per-seed rows plus mean and best, in percent: base model vs EFTNet and the difference."""
-    head = f"{'seed':>6} | {'mIoU base':>9} {'FB-IoU base':>11}"
-    if with_eftnet:
-        head += f" | {'mIoU EFT':>8} {'FB-IoU EFT':>10} | {'dmIoU':>6} {'dFB':>6}"
-    head += f" | {'base-cls mIoU':>13}"
-    lines = [head, "-" * len(head)]
-
-    def row(name: str, values: list[float]) -> str:
-        text = f"{name:>6} | {values[0]:9.2f} {values[1]:11.2f}"
-        if with_eftnet:
-            text += f" | {values[2]:8.2f} {values[3]:10.2f} | {values[2] - values[0]:+6.2f} {values[3] - values[1]:+6.2f}"
-        return text + f" | {values[-1]:13.2f}"
-
-    table = []
-    for seed, s in per_seed.items():
-        values = [100 * s["zero"]["miou"], 100 * s["zero"]["fbiou"]]
-        if with_eftnet:
-            values += [100 * s["eftnet"]["miou"], 100 * s["eftnet"]["fbiou"]]
-        values.append(100 * s["base_miou"])
-        table.append(values)
-        lines.append(row(str(seed), values))
-    array = np.array(table)
-    lines.append("-" * len(head))
-    lines.append(row("mean", list(array.mean(0))))
-    lines.append(row("best", list(array.max(0))))
-    return "\n".join(lines)
+    """Per-seed rows plus mean and best, in percent: base model vs EFTNet and the difference,
+    and the base learner's base-class mIoU."""
+    rows = [(str(seed), method_values(s, with_eftnet) + [100 * s["base_miou"]]) for seed, s in per_seed.items()]
+    return side_by_side("seed", rows, with_eftnet, extra="base-cls mIoU", totals=("mean", "best"))

@@ -7,11 +7,11 @@ import cv2
 import numpy as np
 import torch
 
-from util.transforms import MEAN, STD
+from dataset.transforms import MEAN, STD
+from model.contract import IGNORE
 
 OUTLINE = (255, 40, 40)  # RGB
 IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.float32)
-IGNORE_VALUE = 255
 
 
 def to_rgb(image: torch.Tensor) -> np.ndarray:
@@ -25,7 +25,7 @@ def overlay(rgb: np.ndarray, mask: torch.Tensor) -> np.ndarray:
     mask = mask.detach().cpu().numpy()
     out = rgb.astype(np.float32)
     out[mask != 1] *= 0.4
-    out[mask == IGNORE_VALUE] = 0.6 * out[mask == IGNORE_VALUE] + 0.4 * IGNORE_COLOUR
+    out[mask == IGNORE] = 0.6 * out[mask == IGNORE] + 0.4 * IGNORE_COLOUR
     out = out.astype(np.uint8)
     contours, _ = cv2.findContours((mask == 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return cv2.drawContours(np.ascontiguousarray(out), contours, -1, OUTLINE, 1)

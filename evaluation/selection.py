@@ -7,7 +7,7 @@ record, and one run reports all of them on identical episodes.
 
 Round numbering is the engine's: 0 is the zero round (the base model), 1..N the fine-tuning
 rounds. Counts are ``[[inter_bg, inter_fg], [union_bg, union_fg], [target_bg, target_fg]]``
-against the query label at original resolution (``util.evaluation.episode_record``'s layout).
+against the query label at original resolution (``evaluation.records.episode_record``'s layout).
 
 An episode that stopped early (a non-finite loss ended its rounds after R < N rounds) has R
 rounds: ``last`` is its round R, and a fixed round r > R takes its round R too, the prediction

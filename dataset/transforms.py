@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from util.errors import DataError
-from util.splits import IGNORE
+from model.contract import IGNORE
 
 # ImageNet statistics on the 0..255 scale, for RGB images.
 MEAN = [m * 255 for m in (0.485, 0.456, 0.406)]

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The built-in demo as a miniature of the paper's table: MSANet and BAM, 1- and 5-shot, all four
+# folds (meta_test.sh for each setting), then one table shaped like the paper's: a base-model row
+# and an EFTNet row per base model, columns 1-shot and 5-shot, EFTNet's gain in parentheses with
+# its paired 95 % interval over the folds.
+#
+#   bash miniature.sh                       # writes exp/miniature/default/demo/... and prints the table
+#   OPTS="test_num 200" bash miniature.sh   # more episodes per fold
+set -euo pipefail
+cd "$(dirname "$0")"
+# One output root per OPTS, so that runs of different sizes never mix in one table.
+export EXP=${EXP:-exp/miniature/$(echo "${OPTS:-default}" | tr -c 'A-Za-z0-9_.\n-' '_')}
+for arch in MSANet BAM; do
+  for shot in 1 5; do
+    ARCH=$arch bash meta_test.sh demo mobilenetv2 "$shot"
+  done
+done
+echo
+echo "== the demo's miniature of the paper's table"
+"${PYTHON:-python3}" -m evaluation.report --miniature "$EXP/demo" | tee "$EXP/demo/miniature.txt"
