@@ -290,7 +290,7 @@ def _manifest(seed: int, num_train: int, num_val: int, size: int) -> dict:
 
 
 def ensure_demo(root: str | Path, seed: int = 0, num_train: int = NUM_TRAIN,
-                num_val: int = NUM_VAL, size: int = DEFAULT_SIZE) -> Path:
+                num_val: int = NUM_VAL, size: int = DEFAULT_SIZE) -> None:
     """Generate the benchmark under root unless a complete one with these settings is there."""
     root = Path(root)
     try:
@@ -299,11 +299,11 @@ def ensure_demo(root: str | Path, seed: int = 0, num_train: int = NUM_TRAIN,
         found = None
     if found == _manifest(seed, num_train, num_val, size) and all(
             (root / "lists" / "demo" / f"{s}.txt").is_file() for s in SPLIT_IDS):
-        return root
-    return generate_demo(root, seed, num_train, num_val, size)
+        return
+    generate_demo(root, seed, num_train, num_val, size)
 
 
-def ensure_demo_present(root: str | Path) -> Path:
+def ensure_demo_present(root: str | Path) -> None:
     """What meta_test.py and train.py call: keep a complete benchmark of any settings under root
     (one generated on purpose with other counts, sizes or seed is the user's, not to be
     replaced), else generate the default one."""
@@ -314,8 +314,8 @@ def ensure_demo_present(root: str | Path) -> Path:
         found = None
     if isinstance(found, dict) and found.get("format_version") == FORMAT_VERSION and all(
             (root / "lists" / "demo" / f"{s}.txt").is_file() for s in SPLIT_IDS):
-        return root
-    return ensure_demo(root)
+        return
+    ensure_demo(root)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,22 +79,6 @@ class _SumMeter:
             raise ValueError(f"expected {length} counts, got {values.numel()}")
         self._sums[start:start + length] += values.to(device="cpu", dtype=torch.float64)
 
-    def state(self) -> torch.Tensor:
-        return self._sums.clone()
-
-    def load_state(self, state: torch.Tensor) -> None:
-        state = torch.as_tensor(state, dtype=torch.float64).reshape(-1)
-        if state.numel() != self._sums.numel():
-            raise ValueError(f"state has {state.numel()} entries, "
-                             f"this meter needs {self._sums.numel()}")
-        self._sums = state.cpu().clone()
-
-    def merge(self, other: "_SumMeter") -> None:
-        if type(other) is not type(self) or other._sums.numel() != self._sums.numel():
-            raise ValueError(f"cannot merge {type(other).__name__} of size {other._sums.numel()} "
-                             f"into {type(self).__name__} of size {self._sums.numel()}")
-        self._sums += other._sums
-
     def all_reduce(self) -> None:
         """Sum the state over torch.distributed ranks; a no-op without a process group."""
         if not (dist.is_available() and dist.is_initialized()):

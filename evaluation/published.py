@@ -34,9 +34,6 @@ class Published:
     mean: Optional[float]
     source: str
 
-    def fold(self, index: int) -> Optional[float]:
-        return self.folds[index]
-
 
 def _row(method: str, kind: str, folds: Sequence[Optional[float]] | None, mean: Optional[float],
          source: str) -> Published:

@@ -151,7 +151,8 @@ class Scores:
             final, meta = self.meters[f"{method}_final"], self.meters[f"{method}_meta"]
             out[method] = {"miou": final.class_miou(), "fbiou": final.fb_iou(), "fg_iou": final.fg_iou(),
                            "miou_meta": meta.class_miou(), "fbiou_meta": meta.fb_iou(),
-                           "class_iou": final.class_iou().tolist()}
+                           "class_iou": final.class_iou().tolist(),
+                           "episodes_per_class": final.episodes_per_class.tolist()}
         if with_eftnet:
             out["stopped_early"] = self.stopped_early
         return out

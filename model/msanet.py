@@ -15,7 +15,7 @@ from model.similarity import CacheBudget, SimilarityColumns
 
 # Correlation maps per level (l2, l3, l4), counted from the end of the tap list; the
 # ResNet layer1 tap is never used by any output, so it is not correlated at all.
-CORRELATION_LEVELS = {"resnet50": (4, 6, 3), "resnet101": (4, 23, 3), "vgg": (3, 3, 1), "mobilenetv2": (3, 7, 3)}
+CORRELATION_LEVELS = {"resnet50": (4, 6, 3), "resnet101": (4, 23, 3), "vgg": (3, 3, 1), "mobilenetv2": (3, 4, 3)}
 HYPER_CHANNELS = 64
 
 

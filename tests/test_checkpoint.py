@@ -9,6 +9,7 @@ import functools
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ from torchvision.models import resnet50, vgg16_bn
 from model import BAM, MSANet
 from model.backbones import BACKBONES
 from model.pspnet import PSPNet
-from util.checkpoint import (CheckpointError, CheckpointMismatch, checkpoint_path, load_imagenet_backbone,
-                             load_pspnet, load_weights)
+from util.checkpoint import (CheckpointError, CheckpointMismatch, checkpoint_path, load_configured,
+                             load_imagenet_backbone, load_pspnet, load_weights, save_base, save_checkpoint)
 from util.config import load_config
 from util.paths import REPO_ROOT
 
@@ -318,3 +319,32 @@ def test_checkpoint_path_from_config(tmp_path):
     unset = load_config(REPO_ROOT / "config/coco/coco_split1_vgg.yaml", ["weight", "''"])
     with pytest.raises(ValueError, match=r"set `weight` \(a file under weights/coco/split1/vgg/\)"):
         checkpoint_path(unset)
+
+
+# ---- a base file shared by a fold's checkpoints (the demo models) ---------------------------------
+@pytest.mark.parametrize("arch, shot", [(MSANet, 1), (BAM, 5)])
+def test_base_file_and_meta_only_checkpoint_restore_the_model(tmp_path, arch, shot):
+    trained = small_model(arch, shot, seed=7)
+    save_base(trained, tmp_path / "base.pth", 20)
+    save_checkpoint(trained, tmp_path / "meta.pth", 4, without_base=True)
+    base = torch.load(tmp_path / "base.pth", weights_only=True)["state_dict"]
+    meta = torch.load(tmp_path / "meta.pth", weights_only=True)["state_dict"]
+    # The base file is PSPNet's layout (what load_pspnet reads); the checkpoint holds the rest.
+    assert {k.split(".")[0] for k in base} == {"layer0", "layer1", "layer2", "layer3", "layer4", "ppm", "cls"}
+    assert not any(k.startswith(("layer", "learner_base.")) for k in meta) and "down_query.0.weight" in meta
+    assert all(v.dtype == torch.float16 for v in (*base.values(), *meta.values()) if v.is_floating_point())
+    cfg = SimpleNamespace(weight_path=str(tmp_path / "meta.pth"), base_weight="base.pth", weights_root=str(tmp_path),
+                          data_set="demo", split=0, backbone="mobilenetv2", vgg=False, layers=50)
+    (tmp_path / "demo/split0/mobilenetv2").mkdir(parents=True)
+    (tmp_path / "base.pth").rename(tmp_path / "demo/split0/mobilenetv2/base.pth")
+    restored = small_model(arch, shot, seed=8)
+    info = load_configured(restored, cfg)
+    assert info["epoch"] == 4
+    half = {k: v.half().float() if v.is_floating_point() else v for k, v in trained.state_dict().items()}
+    assert_state_equal(restored, half)
+    # A checkpoint that holds everything does not fit a config with a base file, and the reverse.
+    save_checkpoint(trained, tmp_path / "full.pth", 4)
+    with pytest.raises(CheckpointMismatch, match=r"unexpected \(\d+\): layer0"):
+        load_configured(restored, SimpleNamespace(**{**vars(cfg), "weight_path": str(tmp_path / "full.pth")}))
+    with pytest.raises(CheckpointMismatch, match=r"missing \(\d+\): layer0"):
+        load_weights(restored, tmp_path / "meta.pth")

@@ -267,3 +267,16 @@ def test_config_summary_sorted(tmp_path):
     assert len(lines) == len(SCHEMA)
     assert [line.split(":")[0] for line in lines] == sorted(SCHEMA)
     assert "shot: 1" in lines and "weight: 'a.pth'" in lines
+
+
+def test_checkpoint_rule_picks_the_file_of_the_arch_and_shot(tmp_path):
+    path = write_cfg(tmp_path, MINIMAL + "  weight_bam: c.pth\n  weight_bam_5shot: d.pth\n")
+    picked = {(arch, shot): load_config(path, ["arch", arch, "shot", str(shot)]).weight
+              for arch in ("MSANet", "BAM") for shot in (1, 5)}
+    assert picked == {("MSANet", 1): "a.pth", ("MSANet", 5): "b.pth", ("BAM", 1): "c.pth", ("BAM", 5): "d.pth"}
+    assert load_config(path, ["arch", "BAM", "weight", "mine.pth"]).weight == "mine.pth"
+    # A config that names no BAM file keeps `weight` (a mismatch then says to set the file).
+    assert load_config(write_cfg(tmp_path, MINIMAL), ["arch", "BAM"]).weight == "a.pth"
+    for fold in range(4):
+        demo = load_config(CONFIG_DIR / f"demo/demo_split{fold}_mobilenetv2.yaml", ["arch", "BAM", "shot", "5"])
+        assert demo.weight == f"demo_split{fold}_bam_5shot.pth" and demo.base_weight == f"demo_split{fold}_base.pth"

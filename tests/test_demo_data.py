@@ -108,7 +108,8 @@ def test_every_novel_class_has_val_images_for_one_shot(bench):
 
 def test_ensure_demo_keeps_complete_and_regenerates_incomplete(tmp_path, monkeypatch):
     counts = dict(num_train=4, num_val=4)
-    root = demo.ensure_demo(tmp_path, seed=0, **counts)
+    root = tmp_path
+    demo.ensure_demo(root, seed=0, **counts)
     manifest = json.loads((root / demo.MANIFEST).read_text())
     assert manifest["seed"] == 0 and manifest["num_train"] == 4 and manifest["num_val"] == 4
     image = root / "JPEGImages/val_00002.jpg"
@@ -119,7 +120,7 @@ def test_ensure_demo_keeps_complete_and_regenerates_incomplete(tmp_path, monkeyp
 
     with monkeypatch.context() as m:
         m.setattr(demo, "generate_demo", no_generation)
-        assert demo.ensure_demo(tmp_path, seed=0, **counts) == root
+        demo.ensure_demo(tmp_path, seed=0, **counts)
     # An interrupted run leaves no manifest: ensure_demo must write everything again.
     (root / demo.MANIFEST).unlink()
     image.unlink()
@@ -136,8 +137,9 @@ def test_entry_scripts_keep_a_demo_of_other_settings(tmp_path, monkeypatch):
     root = demo.generate_demo(tmp_path / "small", seed=3, num_train=4, num_val=4, size=64)
     before = (root / "JPEGImages/val_00001.jpg").read_bytes()
     calls = []
-    monkeypatch.setattr(demo, "ensure_demo", lambda r: calls.append(r) or r)
-    assert demo.ensure_demo_present(root) == root and calls == []
+    monkeypatch.setattr(demo, "ensure_demo", calls.append)
+    demo.ensure_demo_present(root)
+    assert calls == []
     assert (root / "JPEGImages/val_00001.jpg").read_bytes() == before
     demo.ensure_demo_present(tmp_path / "none")
     assert calls == [tmp_path / "none"]

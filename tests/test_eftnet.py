@@ -81,7 +81,7 @@ def run(engine: EFTNet, episode: SimpleNamespace, **kwargs) -> eftnet.AdaptResul
 
 @pytest.fixture(scope="module")
 def ep1() -> SimpleNamespace:
-    return make_episode(1, 1)
+    return make_episode(3, 1)
 
 
 @pytest.fixture(scope="module")

@@ -140,42 +140,15 @@ def _random_episodes(n, seed):
     return out
 
 
-def test_state_round_trip_and_merge_equal_single_meter():
-    episodes = _random_episodes(12, seed=3)
-    whole, first, second = FewShotMeter(4), FewShotMeter(4), FewShotMeter(4)
-    for i, episode in enumerate(episodes):
-        whole.add(*episode)
-        (first if i % 3 else second).add(*episode)
-    restored = FewShotMeter(4)
-    restored.load_state(first.state())
-    restored.merge(second)
-    assert torch.equal(restored.state(), whole.state())
-    assert restored.state().dtype == torch.float64
-    assert restored.class_miou() == whole.class_miou() and restored.fb_iou() == whole.fb_iou()
-    with pytest.raises(ValueError, match="entries"):
-        restored.load_state(torch.zeros(3))
-    with pytest.raises(ValueError, match="cannot merge"):
-        restored.merge(BaseClassMeter(6))
-
-
-def test_base_meter_state_round_trip():
-    meter = BaseClassMeter(2)
-    meter.add(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]), torch.tensor([7, 8, 9]))
-    copy = BaseClassMeter(2)
-    copy.load_state(meter.state())
-    assert copy.state().tolist() == [2, 3, 5, 6, 8, 9]
-    assert copy.miou() == meter.miou()
-
-
 def test_all_reduce_single_rank(tmp_path):
     meter = FewShotMeter(2)
     meter.add(1, torch.tensor([3, 4]), torch.tensor([5, 6]), torch.tensor([4, 5]))
-    before = meter.state()
+    before = meter.class_iou().clone(), meter.fb_iou()
     meter.all_reduce()  # no process group: no-op
-    assert torch.equal(meter.state(), before)
+    assert torch.equal(meter.class_iou(), before[0]) and meter.fb_iou() == before[1]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         meter.all_reduce()
     finally:
         dist.destroy_process_group()
-    assert torch.equal(meter.state(), before)
+    assert torch.equal(meter.class_iou(), before[0]) and meter.fb_iou() == before[1]

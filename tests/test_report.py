@@ -8,12 +8,13 @@ from evaluation import report
 from evaluation.analysis import COUNTS_FILE, analyse_pooled, analyse_seed, public, save_rule_counts
 
 
-def write_fold(root, split: int, data_set: str = "pascal", counts: bool = True):
+def write_fold(root, split: int, data_set: str = "pascal", counts: bool = True, arch: str = "MSANet",
+               shot: int = 1, backbone: str = "resnet50"):
     per_seed = {510: analyse_seed(fake_records(split, 30), CLASSES, ROUNDS, draws=1000)}
     pooled = analyse_pooled(per_seed, CLASSES, ROUNDS, draws=1000)
     folder = root / f"split{split}"
     folder.mkdir()
-    results = {"split": split, "data_set": data_set, "arch": "MSANet", "backbone": "resnet50", "shot": 1,
+    results = {"split": split, "data_set": data_set, "arch": arch, "backbone": backbone, "shot": shot,
                "s2q_query_mask": "pseudo", "uses_query_labels": False, "warnings": [],
                "zero": {"miou_mean": pooled["rules"]["zero"]["miou"], "fbiou_mean": pooled["rules"]["zero"]["fbiou"]},
                "eftnet": {"miou_mean": pooled["rules"]["s2q"]["miou"], "fbiou_mean": pooled["rules"]["s2q"]["fbiou"]},
@@ -55,3 +56,39 @@ def test_bad_counts_file_is_one_message(tmp_path):
     (path.parent / COUNTS_FILE).write_text("{}")
     with pytest.raises(report.DataError, match=COUNTS_FILE):
         report.summary([str(path)])
+
+
+def test_miniature_table_rows_per_base_model_columns_per_shot(tmp_path):
+    runs = {("MSANet", 1): (0, 1, 2, 3), ("MSANet", 5): (0, 1, 2, 3), ("BAM", 1): (0, 1, 2, 3), ("BAM", 5): (0, 1)}
+    for (arch, shot), splits in runs.items():
+        folder = tmp_path / f"{arch}_mobilenetv2_{shot}shot" / "default"
+        folder.mkdir(parents=True)
+        for split in splits:
+            write_fold(folder, split, data_set="demo", arch=arch, shot=shot, backbone="mobilenetv2")
+    text = report.main(["--miniature", str(tmp_path)])
+    lines = text.splitlines()
+    assert "1-shot" in lines[0] and "5-shot" in lines[0] and lines[0].index("1-shot") < lines[0].index("5-shot")
+    rows = [line for line in lines[2:] if "|" in line]
+    assert [r.split("|")[0].strip() for r in rows] == ["MSANet (mobilenetv2)", "+ EFTNet", "BAM (mobilenetv2)",
+                                                      "+ EFTNet"]
+    # The cells are the folds' means; EFTNet's gain is in parentheses with its paired interval.
+    msanet = [read_json(tmp_path / "MSANet_mobilenetv2_1shot/default" / f"split{s}/results.json") for s in range(4)]
+    zero = sum(100 * r["zero"]["miou_mean"] for r in msanet) / 4
+    eft = sum(100 * r["eftnet"]["miou_mean"] for r in msanet) / 4
+    assert rows[0].split("|")[1].strip() == f"{zero:.2f}"
+    cell = rows[1].split("|")[1].strip()
+    assert cell.startswith(f"{eft:.2f} ({eft - zero:+.2f}) [") and cell.endswith("]")
+    assert "(4 folds)" in rows[0] and "(2/4 folds)" in rows[2]
+
+
+def test_miniature_refuses_two_runs_of_one_setting(tmp_path):
+    for tag in ("a", "b"):
+        folder = tmp_path / "MSANet_mobilenetv2_1shot" / tag
+        folder.mkdir(parents=True)
+        write_fold(folder, 0, data_set="demo", backbone="mobilenetv2")
+    with pytest.raises(report.DataError, match="two runs of the same setting and fold"):
+        report.miniature_runs(tmp_path)
+
+
+def read_json(path):
+    return json.loads(path.read_text())

@@ -151,8 +151,8 @@ def test_imagenet_weights_reach_the_backbone(tmp_path, monkeypatch):
     model = build_model(cfg)
     train.init_backbone(model, cfg)
     file = torch.load(path, weights_only=True)
-    # features 14 is the first block of layer4 (model.backbones.MOBILENET_STAGES)
-    assert torch.equal(model.layer4[0].conv[0][0].weight, file["features.14.conv.0.0.weight"])
+    # features 11 is the first block of layer4 (model.backbones.MOBILENET_STAGES)
+    assert torch.equal(model.layer4[0].conv[0][0].weight, file["features.11.conv.0.0.weight"])
     assert torch.equal(model.layer0[0][1].running_var, file["features.0.1.running_var"])
 
 
@@ -173,3 +173,28 @@ def test_installed_imagenet_weights_are_torchvisions(tmp_path):
     pytest.importorskip(checkpoint.IMAGENET_PACKAGE)
     file = torch.load(checkpoint.imagenet_weights_file(), weights_only=True)
     assert file["features.14.conv.0.0.weight"].shape == (576, 96, 1, 1)
+
+
+def test_a_fold_shares_one_base_file(trained, monkeypatch):
+    """With base_weight: the first run trains the base learner and writes the base file, and its
+    checkpoint holds the meta learner only; later runs (BAM, 2-shot) reuse the base file and skip
+    stage 1, and meta_test's loading of both files restores each model."""
+    root, path, _, _ = trained
+    monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
+    torch.set_num_threads(1)
+    base = root / "weights" / "demo" / "split0" / "mobilenetv2" / "base.pth"
+    first = train.main(["--config", str(path), "--opts", "base_weight", "base.pth", "weight", "msanet.pth",
+                        "val_episodes", "0"])
+    assert first["base_weight"] == str(base) and len(first["base_losses"]) == BASE_EPOCHS * (21 // BATCH)
+    written = base.read_bytes()
+    bam = train.main(["--config", str(path), "--opts", "base_weight", "base.pth", "weight", "bam.pth", "arch", "BAM",
+                      "shot", "2", "val_episodes", "0"])
+    assert bam["base_losses"] == [] and base.read_bytes() == written
+    for name, opts in (("msanet.pth", []), ("bam.pth", ["arch", "BAM", "shot", "2"])):
+        cfg = load_config(path, ["base_weight", "base.pth", "weight", name, *opts])
+        saved = torch.load(root / "weights" / "demo" / "split0" / "mobilenetv2" / name, weights_only=True)
+        assert not any(k.startswith(("layer", "learner_base.")) for k in saved["state_dict"])
+        model = build_model(cfg)
+        checkpoint.load_configured(model, cfg)
+        psp = torch.load(base, weights_only=True)["state_dict"]
+        assert torch.equal(model.learner_base[1][4].weight, psp["cls.4.weight"].float())
