@@ -165,15 +165,15 @@ def miniature_table(runs: dict[tuple[str, str, int], list[Path]]) -> str:
     EFTNet row; columns 1-shot and 5-shot (class mIoU in %, mean over folds)."""
     shots = sorted({shot for _, _, shot in runs})
     width = 34
-    head = f"{'class mIoU (%), mean over folds':<32} | " + " | ".join(f"{f'{s}-shot':<{width}}" for s in shots)
+    head = (f"{'class mIoU (%), mean over folds':<32} | " + " | ".join(f"{f'{s}-shot':<{width}}" for s in shots)).rstrip()
     lines = [head, "-" * len(head)]
     for arch, backbone in sorted({(a, b) for a, b, _ in runs}, key=lambda k: (k[0] != "MSANet", k)):
         cells = {s: _setting_cells(runs[(arch, backbone, s)]) if (arch, backbone, s) in runs else ("-", "-")
                  for s in shots}
         folds = sorted({len(runs[k]) for k in runs if k[:2] == (arch, backbone)})
         for row, label in ((0, f"{arch} ({backbone})"), (1, "  + EFTNet")):
-            lines.append(f"{label:<32} | " + " | ".join(f"{cells[s][row]:<{width}}" for s in shots))
-        lines[-2] += f"   ({'/'.join(map(str, folds))} folds)"
+            line = f"{label:<32} | " + " | ".join(f"{cells[s][row]:<{width}}" for s in shots)
+            lines.append((line + (f" ({'/'.join(map(str, folds))} folds)" if row == 0 else "")).rstrip())
     lines.append("EFTNet: label-free round selection unless marked; (gain over the base model) [95% paired "
                  "bootstrap interval of the mean over folds, each fold resampled on its own].")
     return "\n".join(lines)
