@@ -210,14 +210,13 @@ class Evaluator:
         gt_scores = result.round_scores if ground_truth else observer.scores if observer is not None else None
         return result.zero_round, result, gt_scores
 
-    def all_records(self, seed: int) -> list[dict]:
-        """Every rank's records of ``seed``, in episode order."""
-        return [r for _, r in sorted(RecordFile.read_all(sorted(self.out.glob(f"records_seed{seed}_rank*.jsonl"))).items())]
+    def records(self, seed: int) -> dict[int, dict]:
+        """Every rank's records of ``seed`` read so far, by episode index."""
+        return RecordFile.read_all(sorted(self.out.glob(f"records_seed{seed}_rank*.jsonl")))
 
     def run_seed(self, seed_index: int, seed: int, dataset: EpisodeDataset) -> Scores:
         cfg, ctx, out = self.cfg, self.ctx, self.out
-        record_paths = sorted(out.glob(f"records_seed{seed}_rank*.jsonl"))
-        done = RecordFile.read_all(record_paths)
+        done = self.records(seed)
         mine = [i for i in range(len(dataset)) if i % ctx.world == ctx.rank]
         todo = [i for i in mine if i not in done]
         records = RecordFile(out / f"records_seed{seed}_rank{ctx.rank}.jsonl")
@@ -240,7 +239,7 @@ class Evaluator:
             bar.set_postfix(running.postfix())
         ctx.barrier()
         scores = Scores(self.num_novel, self.num_base)
-        for i, record in sorted(RecordFile.read_all(sorted(out.glob(f"records_seed{seed}_rank*.jsonl"))).items()):
+        for i, record in sorted(self.records(seed).items()):
             if i % ctx.world == ctx.rank:
                 scores.add(record)
         scores.all_reduce()
@@ -293,7 +292,8 @@ class Evaluator:
         TensorBoard and the plots; and the compact per-rule counts the fold summary resamples."""
         cfg, out = self.cfg, self.out
         draws, seed = cfg.bootstrap_draws, cfg.bootstrap_seed
-        per_seed = {s: analyse_seed(self.all_records(s), self.num_novel, cfg.ft_number, draws, seed) for s in seeds}
+        in_order = {s: [r for _, r in sorted(self.records(s).items())] for s in seeds}
+        per_seed = {s: analyse_seed(in_order[s], self.num_novel, cfg.ft_number, draws, seed) for s in seeds}
         pooled = analyse_pooled(per_seed, self.num_novel, cfg.ft_number, draws, seed)
         save_rule_counts(out / COUNTS_FILE, per_seed, self.num_novel)
         images = write_plots(out, per_seed, pooled)
