@@ -3,13 +3,16 @@
     python train.py --config config/demo/demo_split0_mobilenetv2.yaml [--opts key value ...]
 
 1. Base learner: ``learner_base`` (PPM + classifier, as PSPNet's) learns to segment the base
-   classes of the train list (background 0, base classes 1..n, 255 ignored).
+   classes of the train list (background 0, base classes 1..n, 255 ignored); with
+   ``base_learner_layer4_lr`` > 0 the backbone's last stage (layer4) learns with it, as a
+   PSPNet's backbone does, and is then frozen like the rest for stage 2 and meta-testing.
 2. Meta learner: BAM/MSANet meta-training on base-class episodes (query, one base class in it,
    ``shot`` supports of that class), loss CE(final) + aux_weight1 * CE(meta); backbone and base
    learner frozen, BN frozen when ``fix_bn`` (reference keys: epochs, batch_size, base_lr, power).
 
-The backbone is frozen (eval mode, ImageNet or random weights), so its features of every train
-image are computed once and kept (float16) for both stages. Every image goes through the
+The backbone runs in eval mode (ImageNet or random weights, BN statistics frozen), so its
+features of every train image are computed once and kept (float16), and once more after stage 1
+when layer4 learnt. Every image goes through the
 evaluation geometry at ``train_h`` (long side scaled, padded square canvas): no scale/rotate/
 crop augmentation, only random horizontal flips of the cached maps in stage 1. Writes
 ``{weights_root}/{data_set}/split{split}/{backbone}/{weight}`` with float16 tensors and
@@ -77,26 +80,35 @@ def init_backbone(model: FewShotModel, cfg) -> None:
     load_imagenet_backbone(model, imagenet_weights_file(), "mobilenetv2")
 
 
-def make_optimizer(params: list[nn.Parameter], cfg, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], cfg) -> torch.optim.SGD:
+    """SGD over (parameters, initial learning rate) groups; ``sgd_step`` decays every rate."""
+    return torch.optim.SGD([{"params": params, "lr": lr, "initial_lr": lr} for params, lr in groups],
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def sgd_step(optimizer: torch.optim.Optimizer, loss: Tensor, base_lr: float, it: int, total: int,
-             power: float) -> float:
-    """One optimiser step at the poly learning rate of step ``it``; returns that rate."""
-    lr = base_lr * (1 - it / total) ** power
+def sgd_step(optimizer: torch.optim.Optimizer, loss: Tensor, it: int, total: int, power: float) -> float:
+    """One optimiser step at the poly learning rates of step ``it``; returns the first group's."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["initial_lr"] * (1 - it / total) ** power
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return lr
+    return optimizer.param_groups[0]["lr"]
 
 
 def train_base_learner(model: FewShotModel, store: FeatureStore, lut: Tensor, cfg, writer, device) -> list[float]:
-    """Stage 1: PPM + classifier on the cached layer4 maps; returns the loss of every step."""
+    """Stage 1: PPM + classifier on the cached layer4 maps; returns the loss of every step.
+
+    With ``base_learner_layer4_lr`` > 0 the backbone's layer4 learns too, on the cached layer3
+    maps, as a PSPNet's backbone does (its BN statistics stay frozen); the caller must then
+    compute the features again."""
     head = model.learner_base.train()
-    optimizer = make_optimizer(list(head.parameters()), cfg, cfg.base_learner_lr)
+    tune = cfg.base_learner_layer4_lr > 0
+    groups = [(list(head.parameters()), cfg.base_learner_lr)]
+    if tune:
+        model.layer4.requires_grad_(True)
+        groups.append((list(model.layer4.parameters()), cfg.base_learner_layer4_lr))
+    optimizer = make_optimizer(groups, cfg)
     n, generator = len(store.labels), torch.Generator().manual_seed(cfg.manual_seed)
     steps = n // cfg.batch_size  # the last incomplete batch of an epoch is dropped
     total, losses = cfg.base_learner_epochs * steps, []
@@ -104,17 +116,20 @@ def train_base_learner(model: FewShotModel, store: FeatureStore, lut: Tensor, cf
         if it % steps == 0:
             order = torch.randperm(n, generator=generator)
         items = order[it % steps * cfg.batch_size:(it % steps + 1) * cfg.batch_size]
-        feat, target = store.layer4(items, device), lut[store.labels[items].long()].to(device)
+        maps = store.layer3(items, device) if tune else store.layer4(items, device)
+        target = lut[store.labels[items].long()].to(device)
         flip = (torch.rand(len(items), generator=generator) < 0.5).to(device)  # horizontal flips
-        feat = torch.where(flip[:, None, None, None], feat.flip(-1), feat)
+        maps = torch.where(flip[:, None, None, None], maps.flip(-1), maps)
         target = torch.where(flip[:, None, None], target.flip(-1), target)
-        logits = F.interpolate(head(feat), target.shape[-2:], mode="bilinear", align_corners=True)
+        logits = head(model.layer4(maps) if tune else maps)
+        logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=True)
         loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
-        lr = sgd_step(optimizer, loss, cfg.base_learner_lr, it, total, cfg.power)
+        lr = sgd_step(optimizer, loss, it, total, cfg.power)
         losses.append(loss.item())
         writer.add_scalar("stage1/loss", losses[-1], it)
         writer.add_scalar("stage1/lr", lr, it)
     head.requires_grad_(False)
+    model.layer4.requires_grad_(False)
     return losses
 
 
@@ -133,7 +148,7 @@ def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: Episod
             if isinstance(module, nn.BatchNorm2d):
                 module.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, cfg.base_lr)
+    optimizer = make_optimizer([(params, cfg.base_lr)], cfg)
     rng = np.random.default_rng(cfg.manual_seed)
     total = cfg.epochs * sampler.steps_per_epoch
     episodes = itertools.chain.from_iterable(sampler.epoch(rng) for _ in range(cfg.epochs))
@@ -156,7 +171,7 @@ def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: Episod
         final = F.cross_entropy(pred.final, target, ignore_index=IGNORE)
         meta = F.cross_entropy(pred.meta, target, ignore_index=IGNORE)
         loss = final + cfg.aux_weight1 * meta
-        lr = sgd_step(optimizer, loss, cfg.base_lr, it, total, cfg.power)
+        lr = sgd_step(optimizer, loss, it, total, cfg.power)
         with torch.no_grad():  # the frozen base learner's loss, for the record
             base = F.cross_entropy(pred.base, lut[query_labels].to(device), ignore_index=IGNORE)
         for name, value in (("loss", loss), ("final", final), ("meta", meta), ("base", base)):
@@ -260,10 +275,12 @@ def run(args: argparse.Namespace) -> dict:
     writer = SummaryWriter(str(repo_path(cfg.exp_root) / cfg.data_set / "train" / f"split{cfg.split}" /
                                backbone_name(cfg)))
     laps("setup")
-    store = FeatureStore(model, DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers),
-                         device)
+    images = DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers)
+    store = FeatureStore(model, images, device)
     laps("features")
     base_losses = [] if reuse_base else train_base_learner(model, store, lut, cfg, writer, device)
+    if base_losses and cfg.base_learner_layer4_lr > 0:  # layer4 learnt: its maps are out of date
+        store = FeatureStore(model, images, device)
     if base is not None and not reuse_base:
         save_base(model, base, cfg.base_learner_epochs)
         log.info("saved the base file %s", base)

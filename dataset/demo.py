@@ -1,11 +1,17 @@
 """Synthetic few-shot segmentation benchmark ("demo") in PASCAL layout.
 
 Twenty object classes, each a shape family combined with a texture pattern and a colour
-palette, drawn on cluttered backgrounds. Classes 1..10 pair shape i with texture i and
-classes 11..20 pair shape i with texture i+5, so every shape and every texture is shared by
-exactly two classes and only the combination (plus colour) identifies a class. Appearance
-varies strongly within a class (scale, aspect, rotation, colour jitter, texture frequency and
-contrast, occlusion), so support and query images can differ a lot.
+palette, drawn on cluttered backgrounds. Every class has a texture of its own; classes c and
+c + 10 share a shape. The background holds unlabelled objects too: class shapes with patterns
+no class has, so that an object is a class only by its texture (and colour), as a photo's
+background is full of things that are no class. Appearance varies strongly within a class
+(scale, aspect, rotation, colour jitter, texture frequency and contrast, occlusion), so support
+and query images can differ a lot.
+
+Format history: version 1 paired shape i with texture i (classes 1..10) or texture i+5 (classes
+11..20) and had no unlabelled objects; its base learners mistook the novel objects for the base
+classes whose shape or texture they shared. Version 2 gives each class its own texture, adds
+the unlabelled objects and has 4,000 train images instead of 1,800.
 
 Every image is drawn from its own generator seeded by (seed, split, index): the files do not
 depend on generation order and the same seed gives byte-identical files.
@@ -27,7 +33,7 @@ from model.contract import IGNORE
 from util.errors import UsageError, user_errors
 
 NUM_CLASSES = 20
-NUM_TRAIN = 1800
+NUM_TRAIN = 4000
 NUM_VAL = 800
 DEFAULT_SIZE = 200
 # PFENet/BAM count a class only if it covers 2,048 px, about 1.1 % of a typical 500x375 VOC
@@ -36,16 +42,21 @@ DEFAULT_SIZE = 200
 # than PASCAL in relative terms and drops only the smallest or most occluded objects.
 DEMO_MIN_PIXELS = 1024
 MANIFEST = "demo_manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLIT_IDS = {"train": 0, "val": 1}
 # Train images hold few objects so that many survive BAM's rule of dropping every train image
 # with a novel class; val images hold more so that every novel class has many queries.
 OBJECT_COUNT_PROBS = {"train": (0.6, 0.4), "val": (0.3, 0.4, 0.3)}
+CLUTTER_MEAN = 2.0  # unlabelled background objects per image (Poisson mean)
 
 _SHAPES = ("ellipse", "square", "triangle", "star", "cross",
            "ring", "crescent", "heart", "hexagon", "arrow")
 _TEXTURES = ("stripes", "checkers", "dots", "waves", "gradient",
-             "rings", "diagonal", "blotches", "grid", "spokes")
+             "rings", "plain", "blotches", "grid", "spokes",
+             "zigzag", "speckle", "triangles", "plaid", "halo",
+             "dashes", "scales", "halves", "crosses", "spiral")
+# Unlabelled objects of the background: class shapes with pattern families no class has.
+_CLUTTER_TEXTURES = ("streaks", "tiles")
 
 
 def class_shape_texture(class_id: int) -> tuple[str, str]:
@@ -53,7 +64,7 @@ def class_shape_texture(class_id: int) -> tuple[str, str]:
     if not 1 <= class_id <= NUM_CLASSES:
         raise ValueError(f"class_id must be in 1..{NUM_CLASSES}, got {class_id}")
     c = class_id - 1
-    return _SHAPES[c % 10], _TEXTURES[(c + 5 * (c // 10)) % 10]
+    return _SHAPES[c % 10], _TEXTURES[c]
 
 
 def _circle(n: int = 48, r: float = 1.0, cx: float = 0.0) -> np.ndarray:
@@ -110,21 +121,24 @@ def _pattern(name: str, u: np.ndarray, v: np.ndarray, freq: float,
              rng: np.random.Generator) -> np.ndarray:
     """Texture value in [0, 1] at object-frame coordinates (u, v)."""
     ph = rng.uniform(0, 2 * np.pi)
+    # lattice cell coordinates in [-0.5, 0.5), rows shifted by half a cell when staggered
+    cell_v = (freq * v) % 1 - 0.5
+    cell_u = (freq * u + ph) % 1 - 0.5
+    staggered_u = (freq * u + 0.5 * (np.floor(freq * v) % 2) + ph) % 1 - 0.5
     if name == "stripes":
         return np.sin(2 * np.pi * freq * u + ph) > 0
     if name == "checkers":
         return np.sin(np.pi * freq * u + ph) * np.sin(np.pi * freq * v) > 0
     if name == "dots":
-        du, dv = (freq * u + ph) % 1 - 0.5, (freq * v) % 1 - 0.5
-        return du * du + dv * dv < 0.09
+        return cell_u ** 2 + cell_v ** 2 < 0.09
     if name == "waves":
         return np.sin(2 * np.pi * freq * v + 1.5 * np.sin(np.pi * freq * u + ph)) > 0
     if name == "gradient":
         return np.clip((u + 1) / 2, 0, 1)
     if name == "rings":
         return np.sin(2 * np.pi * freq * np.hypot(u, v) + ph) > 0
-    if name == "diagonal":
-        return np.sin(2 * np.pi * freq * (u - v) / np.sqrt(2) + ph) > 0
+    if name == "plain":
+        return np.zeros_like(u)
     if name == "blotches":
         grid = rng.random((int(2 * freq) + 2,) * 2).astype(np.float32)
         return cv2.resize(grid, u.shape[::-1], interpolation=cv2.INTER_CUBIC) > 0.5
@@ -133,6 +147,42 @@ def _pattern(name: str, u: np.ndarray, v: np.ndarray, freq: float,
             (np.abs(np.sin(np.pi * freq * v)) < 0.3)
     if name == "spokes":
         return np.sin(round(freq + 3) * np.arctan2(v, u) + ph) > 0
+    if name == "zigzag":
+        return np.sin(2 * np.pi * freq * v + 10 * np.abs(cell_u)) > 0
+    if name == "speckle":
+        grid = (rng.random((int(6 * freq) + 2,) * 2) > 0.5).astype(np.float32)
+        return cv2.resize(grid, u.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0.5
+    if name == "triangles":
+        return (freq * u + ph) % 1 > (freq * v) % 1
+    if name == "plaid":
+        return 0.5 * (np.sin(2 * np.pi * freq * u + ph) > 0) + 0.5 * (np.sin(4 * np.pi * freq * v) > 0)
+    if name == "halo":
+        return np.clip(np.hypot(u, v), 0, 1)
+    if name == "dashes":
+        return (np.abs(cell_v) < 0.12) & (np.abs(staggered_u) < 0.3)
+    if name == "scales":
+        r2 = staggered_u ** 2 + (cell_v + 0.5) ** 2
+        return (r2 < 0.3) & (r2 > 0.15)
+    if name == "halves":
+        return (u * np.cos(ph) + v * np.sin(ph)) > 0
+    if name == "crosses":
+        return ((np.abs(cell_u) < 0.08) & (np.abs(cell_v) < 0.3)) | \
+            ((np.abs(cell_v) < 0.08) & (np.abs(cell_u) < 0.3))
+    if name == "spiral":
+        return np.sin(2 * np.pi * freq * np.hypot(u, v) + 3 * np.arctan2(v, u) + ph) > 0
+    # Patterns of the unlabelled clutter objects only: random families, so that the base
+    # learner cannot learn them by heart and must learn what the classes look like instead.
+    if name == "streaks":  # smooth noise stretched along a random direction
+        grid = rng.random((int(8 * freq) + 2, 3)).astype(np.float32)
+        streaks = cv2.resize(grid, (96, 96), interpolation=cv2.INTER_CUBIC)
+        a = rng.uniform(0, np.pi)
+        along, across = u * np.cos(a) + v * np.sin(a), v * np.cos(a) - u * np.sin(a)
+        rows = np.clip((across + 1.5) / 3 * 95, 0, 95).astype(int)
+        cols = np.clip((along + 1.5) / 3 * 95, 0, 95).astype(int)
+        return streaks[rows, cols] > rng.uniform(0.35, 0.65)
+    if name == "tiles":  # a mosaic of tiles in random grey levels
+        levels = rng.random((64, 64)).astype(np.float32)
+        return levels[np.floor(freq * u + 32).astype(int) % 64, np.floor(freq * v + 32).astype(int) % 64]
     raise ValueError(f"unknown texture {name!r}")
 
 
@@ -186,19 +236,44 @@ def _object_mask(shape: str, h: int, w: int, rng: np.random.Generator) -> tuple[
     return mask, (centre, rot, scale)
 
 
-def _texture(class_id: int, frame, box, rng: np.random.Generator) -> np.ndarray:
-    """RGB texture of a class over the image box (y0, y1, x0, x1), in the object's frame."""
+def _texture(pattern: str, colours: tuple[np.ndarray, np.ndarray], frame, box,
+             rng: np.random.Generator) -> np.ndarray:
+    """RGB texture of a pattern in two colours over the image box (y0, y1, x0, x1), in the
+    object's frame."""
     centre, rot, scale = frame
     y0, y1, x0, x1 = box
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     u = ((xs - centre[0]) * rot[0, 0] + (ys - centre[1]) * rot[1, 0]) / scale[0]
     v = ((xs - centre[0]) * rot[0, 1] + (ys - centre[1]) * rot[1, 1]) / scale[1]
-    t = _pattern(class_shape_texture(class_id)[1], u, v, rng.uniform(1.5, 3.5), rng)
-    a, b = _palette(class_id, rng)
+    t = _pattern(pattern, u, v, rng.uniform(1.5, 3.5), rng)
+    a, b = colours
     b = a + rng.uniform(0.5, 1.0) * (b - a)  # texture contrast
     shade = 1 + rng.uniform(-0.15, 0.15) * u  # a little directional lighting
     rgb = a + np.asarray(t, np.float32)[..., None] * (b - a)
     return rgb * shade[..., None]
+
+
+def _paint(img: np.ndarray, mask: np.ndarray, frame, pattern: str,
+           colours: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> None:
+    """Draw a textured object into img where mask is set, with a soft edge."""
+    x, y, bw, bh = cv2.boundingRect(mask.view(np.uint8))
+    box = (y, y + bh, x, x + bw)
+    alpha = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0)[y:y + bh, x:x + bw]
+    region = img[y:y + bh, x:x + bw]
+    region += alpha[..., None] * (_texture(pattern, colours, frame, box, rng) - region)
+
+
+def _clutter_objects(img: np.ndarray, rng: np.random.Generator) -> None:
+    """Unlabelled objects of the background: a class's shape with a pattern and colours no class
+    has. Without them every object in a train image is a class, and the base learner learns to
+    call any object a base class, novel ones too (real photos are full of unlabelled things)."""
+    h, w = img.shape[:2]
+    for _ in range(rng.poisson(CLUTTER_MEAN)):
+        mask, frame = _object_mask(_SHAPES[rng.integers(len(_SHAPES))], h, w, rng)
+        colours = (_hsv(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.5, 1.0)),
+                   _hsv(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.15, 0.6)))
+        _paint(img, mask, frame, _CLUTTER_TEXTURES[rng.integers(len(_CLUTTER_TEXTURES))],
+               colours, rng)
 
 
 def render_sample(split: str, idx: int, seed: int,
@@ -209,6 +284,7 @@ def render_sample(split: str, idx: int, seed: int,
     rng = np.random.default_rng([seed, SPLIT_IDS[split], idx])
     h, w = rng.integers(round(0.8 * size), round(1.2 * size) + 1, 2).tolist()
     img = _background(h, w, rng)
+    _clutter_objects(img, rng)
     owner = np.zeros((h, w), np.uint8)  # 0 = background, k = k-th placed object
     probs = OBJECT_COUNT_PROBS[split]
     count = rng.choice(len(probs), p=probs) + 1
@@ -223,11 +299,7 @@ def render_sample(split: str, idx: int, seed: int,
                 break
         else:
             continue
-        x, y, bw, bh = cv2.boundingRect(mask.view(np.uint8))
-        box = (y, y + bh, x, x + bw)
-        alpha = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0)[box[0]:box[1], box[2]:box[3]]
-        region = img[box[0]:box[1], box[2]:box[3]]
-        region += alpha[..., None] * (_texture(class_id, frame, box, rng) - region)
+        _paint(img, mask, frame, class_shape_texture(class_id)[1], _palette(class_id, rng), rng)
         owner, placed = trial, placed + [int(class_id)]
     for _ in range(rng.poisson(0.7)):  # clutter in front of everything occludes objects
         p, q = rng.integers(0, [w, h], 2), rng.integers(0, [w, h], 2)

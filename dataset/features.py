@@ -42,6 +42,9 @@ class FeatureStore:
         """Field ``index`` (layer2, layer3, layer4, mid, then the taps) of some images, float32."""
         return self.slots[self.slot_of[index]][items].to(device, torch.float32)
 
+    def layer3(self, items: Tensor, device: torch.device) -> Tensor:
+        return self.field(1, items, device)
+
     def layer4(self, items: Tensor, device: torch.device) -> Tensor:
         return self.field(2, items, device)
 

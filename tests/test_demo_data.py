@@ -152,5 +152,20 @@ def test_bad_arguments_are_rejected(tmp_path):
         demo.render_sample("test", 0, seed=0)
     with pytest.raises(ValueError, match="class_id"):
         demo.class_shape_texture(21)
-    assert demo.class_shape_texture(1) != demo.class_shape_texture(11)
-    assert len({demo.class_shape_texture(c) for c in range(1, 21)}) == 20
+
+
+def test_each_class_has_its_own_texture_and_clutter_has_none_of_them():
+    shapes, textures = zip(*(demo.class_shape_texture(c) for c in range(1, 21)))
+    assert len(set(textures)) == 20  # format 2: only the texture tells classes c and c+10 apart
+    assert shapes[:10] == shapes[10:] and len(set(shapes)) == 10
+    assert not set(textures) & set(demo._CLUTTER_TEXTURES)
+
+
+def test_clutter_objects_are_drawn():
+    rng = np.random.default_rng(0)
+    drawn = []
+    for _ in range(20):
+        img = np.full((200, 200, 3), 128, np.float32)
+        demo._clutter_objects(img, rng)
+        drawn.append((np.abs(img - 128).sum(-1) > 30).mean())
+    assert 0.4 < np.mean(np.array(drawn) > 0.02) < 0.9  # Poisson(1): some images have none

@@ -18,6 +18,7 @@ from util.checkpoint import CheckpointError, load_weights
 from util.config import load_config
 
 EPOCHS, BASE_EPOCHS, BATCH = 3, 4, 4
+TRAIN_IMAGES = 29  # fold 0's train list of the tiny benchmark below
 
 
 def write_config(root, **overrides):
@@ -40,7 +41,7 @@ def write_config(root, **overrides):
 def trained(tmp_path_factory):
     """One tiny training run (one torch thread: much faster on a CPU shared with other jobs)."""
     root = tmp_path_factory.mktemp("train")
-    generate_demo(root / "demo", seed=0, num_train=48, num_val=80, size=112)
+    generate_demo(root / "demo", seed=0, num_train=80, num_val=100, size=112)
     path = write_config(root)
     calls, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)
@@ -83,9 +84,9 @@ def test_backbone_is_frozen_and_base_learner_trained(trained):
 def test_training_lowers_both_losses(trained):
     _, _, result, _ = trained
     base, meta = result["base_losses"], result["meta_losses"]
-    # 21 train images in fold 0; stage 2 drops the images without enough same-class images.
-    assert len(base) == BASE_EPOCHS * (21 // BATCH)
-    assert EPOCHS <= len(meta) <= EPOCHS * (21 // BATCH)
+    # Stage 2 drops the images without enough same-class images.
+    assert len(base) == BASE_EPOCHS * (TRAIN_IMAGES // BATCH)
+    assert EPOCHS <= len(meta) <= EPOCHS * (TRAIN_IMAGES // BATCH)
     history = result["meta_history"]
     assert all(len(history[k]) == len(meta) for k in ("final", "meta", "base"))
     assert np.allclose(meta, np.array(history["final"]) + np.array(history["meta"]), atol=1e-5)
@@ -185,7 +186,7 @@ def test_a_fold_shares_one_base_file(trained, monkeypatch):
     base = root / "weights" / "demo" / "split0" / "mobilenetv2" / "base.pth"
     first = train.main(["--config", str(path), "--opts", "base_weight", "base.pth", "weight", "msanet.pth",
                         "val_episodes", "0"])
-    assert first["base_weight"] == str(base) and len(first["base_losses"]) == BASE_EPOCHS * (21 // BATCH)
+    assert first["base_weight"] == str(base) and len(first["base_losses"]) == BASE_EPOCHS * (TRAIN_IMAGES // BATCH)
     written = base.read_bytes()
     bam = train.main(["--config", str(path), "--opts", "base_weight", "base.pth", "weight", "bam.pth", "arch", "BAM",
                       "shot", "2", "val_episodes", "0"])
@@ -198,3 +199,27 @@ def test_a_fold_shares_one_base_file(trained, monkeypatch):
         checkpoint.load_configured(model, cfg)
         psp = torch.load(base, weights_only=True)["state_dict"]
         assert torch.equal(model.learner_base[1][4].weight, psp["cls.4.weight"].float())
+
+
+def test_layer4_learns_with_the_base_learner_when_asked(trained, monkeypatch):
+    """base_learner_layer4_lr > 0: layer4's weights change in stage 1 (not its BN statistics nor the
+    other stages), and the features are computed again before meta-training."""
+    root, path, _, _ = trained
+    monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
+    stores = []
+    monkeypatch.setattr(train, "FeatureStore", lambda *a: stores.append(train_feature_store(*a)) or stores[-1])
+    torch.set_num_threads(1)
+    result = train.main(["--config", str(path), "--opts", "weight", "tuned.pth", "val_episodes", "0",
+                         "base_learner_layer4_lr", "0.05", "epochs", "1"])
+    assert len(stores) == 2
+    saved = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
+    torch.manual_seed(7)  # train.py builds its model right after seeding with manual_seed
+    initial = build_model(load_config(path)).state_dict()
+    changed = {k for k in saved if k.startswith("layer") and not torch.equal(saved[k], initial[k].half())}
+    assert changed and all(k.startswith("layer4.") and not k.endswith(("running_mean", "running_var"))
+                           for k in changed)
+    assert not torch.equal(stores[0].layer4(torch.arange(4), torch.device("cpu")),
+                           stores[1].layer4(torch.arange(4), torch.device("cpu")))
+
+
+train_feature_store = train.FeatureStore

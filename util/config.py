@@ -73,6 +73,9 @@ SCHEMA: dict[str, Any] = {
     "init_backbone": "imagenet",  # frozen backbone weights: 'imagenet' or 'none' (random; tests only)
     "base_learner_epochs": 6,  # stage 1: epochs of base-learner (PPM + classifier) training
     "base_learner_lr": 0.05,  # stage 1: SGD learning rate (poly decay, batch_size images per step)
+    # stage 1: learning rate of the backbone's layer4, trained with the base learner as a PSPNet's
+    # backbone is (0: layer4 keeps its initial weights)
+    "base_learner_layer4_lr": 0.0,
     "val_episodes": 100,  # novel-class episodes of the quick validation after training (0 = none)
 }
 
@@ -110,7 +113,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # The smallest canvas: 5x5 feature maps at output stride 8, and images up to 4:1 keep a short
 # side of at least 8 pixels after the resize (below that the geometry has no pixels left).
 MIN_VAL_SIZE = 33
-LEARNING_RATES = ("base_lr", "ft_base_lr", "base_learner_lr")
+LEARNING_RATES = ("base_lr", "ft_base_lr", "base_learner_lr", "base_learner_layer4_lr")
 NON_NEGATIVE = ("workers", "manual_seed", "weight_decay", "momentum", "power", "ft_power",
                 "sr_aux_weight1", "aux_weight1")
 
