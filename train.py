@@ -12,13 +12,12 @@
 
 The backbone runs in eval mode (ImageNet or random weights, BN statistics frozen), so its
 features of every train image are computed once and kept (float16), and once more after stage 1
-when layer4 learnt. Every image goes through the
-evaluation geometry at ``train_h`` (long side scaled, padded square canvas): no scale/rotate/
-crop augmentation, only random horizontal flips of the cached maps in stage 1. Writes
-``{weights_root}/{data_set}/split{split}/{backbone}/{weight}`` with float16 tensors and
-TensorBoard curves under ``{exp_root}/{data_set}/train/split{split}/{backbone}``. An existing
-checkpoint file (the committed demo models among them) is never replaced without
-``--overwrite``: set ``weights_root``/``weight`` to write elsewhere. Input errors end with one
+when layer4 learnt. Every image goes through the evaluation geometry at ``train_h`` (long side
+scaled, padded square canvas): no scale/rotate/crop augmentation, only random horizontal flips
+of the cached maps in stage 1. Writes ``{weights_root}/{data_set}/split{split}/{backbone}/{weight}``
+with float16 tensors and TensorBoard curves under
+``{exp_root}/{data_set}/train/split{split}/{backbone}``. An existing checkpoint file (the
+committed demo models among them) is never replaced without ``--overwrite``: set ``weights_root``/``weight`` to write elsewhere. Input errors end with one
 message (exit 2 for config and usage), the traceback only with ``--debug``.
 """
 from __future__ import annotations

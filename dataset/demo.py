@@ -117,14 +117,18 @@ _SHAPE_AREA = {name: _fill(polys, 400, 400, lambda p: p * 100 + 200).sum() / 1e4
 _REFERENCE_AREA = 2.2
 
 
+_LATTICE_PATTERNS = frozenset({"dots", "zigzag", "dashes", "scales", "crosses"})
+
+
 def _pattern(name: str, u: np.ndarray, v: np.ndarray, freq: float,
              rng: np.random.Generator) -> np.ndarray:
     """Texture value in [0, 1] at object-frame coordinates (u, v)."""
     ph = rng.uniform(0, 2 * np.pi)
-    # lattice cell coordinates in [-0.5, 0.5), rows shifted by half a cell when staggered
-    cell_v = (freq * v) % 1 - 0.5
-    cell_u = (freq * u + ph) % 1 - 0.5
-    staggered_u = (freq * u + 0.5 * (np.floor(freq * v) % 2) + ph) % 1 - 0.5
+    if name in _LATTICE_PATTERNS:
+        # lattice cell coordinates in [-0.5, 0.5), rows shifted by half a cell when staggered
+        cell_v = (freq * v) % 1 - 0.5
+        cell_u = (freq * u + ph) % 1 - 0.5
+        staggered_u = (freq * u + 0.5 * (np.floor(freq * v) % 2) + ph) % 1 - 0.5
     if name == "stripes":
         return np.sin(2 * np.pi * freq * u + ph) > 0
     if name == "checkers":
