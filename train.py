@@ -17,8 +17,9 @@ scaled, padded square canvas): no scale/rotate/crop augmentation, only random ho
 of the cached maps in stage 1. Writes ``{weights_root}/{data_set}/split{split}/{backbone}/{weight}``
 with float16 tensors and TensorBoard curves under
 ``{exp_root}/{data_set}/train/split{split}/{backbone}``. An existing checkpoint file (the
-committed demo models among them) is never replaced without ``--overwrite``: set ``weights_root``/``weight`` to write elsewhere. Input errors end with one
-message (exit 2 for config and usage), the traceback only with ``--debug``.
+committed demo models among them) is never replaced without ``--overwrite``: set
+``weights_root``/``weight`` to write elsewhere. Input errors end with one message (exit 2 for
+config and usage), the traceback only with ``--debug``.
 """
 from __future__ import annotations
 
