@@ -1,9 +1,13 @@
 """Train a few-shot base model (MSANet or BAM) on a fold's base classes, in two stages.
 
-    python train.py --config config/demo/demo_split0_mobilenetv2.yaml [--opts key value ...]
+    python train.py --config config/demo/demo_split0_mobilenetv2.yaml [--then key value ...]... [--opts key value ...]
+
+Each ``--then`` trains one more checkpoint of the fold (another shot, arch or schedule) on the
+same features and base file, as its own command would train it, without computing them again.
 
 1. Base learner: ``learner_base`` (PPM + classifier, as PSPNet's) learns to segment the base
-   classes of the train list (background 0, base classes 1..n, 255 ignored); with
+   classes on every image of ``train_list`` (background 0, base classes 1..n, novel classes
+   background, 255 ignored), as BAM's train_base.py does on the whole train set; with
    ``base_learner_layer4_lr`` > 0 the backbone's last stage (layer4) learns with it, as a
    PSPNet's backbone does, and is then frozen like the rest for stage 2 and meta-testing.
 2. Meta learner: BAM/MSANet meta-training on base-class episodes (query, one base class in it,
@@ -11,8 +15,9 @@
    learner frozen, BN frozen when ``fix_bn`` (reference keys: epochs, batch_size, base_lr, power).
 
 The backbone runs in eval mode (ImageNet or random weights, BN statistics frozen), so its
-features of every train image are computed once and kept (float16), and once more after stage 1
-when layer4 learnt. Every image goes through the evaluation geometry at ``train_h`` (long side
+maps are computed once per stage and kept (float16): stage 1's input stage (layer3 when layer4
+learns, else layer4) of the train_list images, then, after stage 1, every field of the fold's
+meta-training images. Every image goes through the evaluation geometry at ``train_h`` (long side
 scaled, padded square canvas): no scale/rotate/crop augmentation, only random horizontal flips
 of the cached maps in stage 1. Writes ``{weights_root}/{data_set}/split{split}/{backbone}/{weight}``
 with float16 tensors and TensorBoard curves under
@@ -41,7 +46,7 @@ from tqdm import tqdm
 
 from dataset.demo import ensure_demo_present
 from dataset.episodes import EpisodeSampler
-from dataset.features import FeatureStore
+from dataset.features import FeatureStore, layer_maps
 from dataset.fewshot import build_episode_dataset, to_device
 from dataset.images import ImageSet
 from dataset.lists import fss_list_files, read_data_list, read_sub_class_file_list
@@ -66,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint file")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    parser.add_argument("--then", nargs="+", action="append", default=[], metavar="KEY VALUE",
+                        help="one more checkpoint on the same features and base file, with these overrides on top "
+                             "of --opts (e.g. --then shot 5 --then arch BAM epochs 4); before --opts")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: key value ...")
     return parser.parse_args(argv)
 
@@ -96,32 +104,33 @@ def sgd_step(optimizer: torch.optim.Optimizer, loss: Tensor, it: int, total: int
     return optimizer.param_groups[0]["lr"]
 
 
-def train_base_learner(model: FewShotModel, store: FeatureStore, lut: Tensor, cfg, writer, device) -> list[float]:
-    """Stage 1: PPM + classifier on the cached layer4 maps; returns the loss of every step.
+def train_base_learner(model: FewShotModel, images: DataLoader, lut: Tensor, cfg, writer, device) -> list[float]:
+    """Stage 1: PPM + classifier on the cached layer4 maps of ``images``; returns the loss of
+    every step.
 
     With ``base_learner_layer4_lr`` > 0 the backbone's layer4 learns too, on the cached layer3
-    maps, as a PSPNet's backbone does (its BN statistics stay frozen); the caller must then
-    compute the features again."""
-    head = model.learner_base.train()
+    maps, as a PSPNet's backbone does (its BN statistics stay frozen)."""
+    head = model.learner_base.train().requires_grad_(True)
     tune = cfg.base_learner_layer4_lr > 0
+    maps, labels = layer_maps(model, images, device, "layer3" if tune else "layer4")
     groups = [(list(head.parameters()), cfg.base_learner_lr)]
     if tune:
         model.layer4.requires_grad_(True)
         groups.append((list(model.layer4.parameters()), cfg.base_learner_layer4_lr))
     optimizer = make_optimizer(groups, cfg)
-    n, generator = len(store.labels), torch.Generator().manual_seed(cfg.manual_seed)
+    n, generator = len(labels), torch.Generator().manual_seed(cfg.manual_seed)
     steps = n // cfg.batch_size  # the last incomplete batch of an epoch is dropped
     total, losses = cfg.base_learner_epochs * steps, []
     for it in tqdm(range(total), desc="stage 1: base learner", dynamic_ncols=True):
         if it % steps == 0:
             order = torch.randperm(n, generator=generator)
         items = order[it % steps * cfg.batch_size:(it % steps + 1) * cfg.batch_size]
-        maps = store.layer3(items, device) if tune else store.layer4(items, device)
-        target = lut[store.labels[items].long()].to(device)
+        batch = maps[items].to(device, torch.float32)
+        target = lut[labels[items].long()].to(device)
         flip = (torch.rand(len(items), generator=generator) < 0.5).to(device)  # horizontal flips
-        maps = torch.where(flip[:, None, None, None], maps.flip(-1), maps)
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
         target = torch.where(flip[:, None, None], target.flip(-1), target)
-        logits = head(model.layer4(maps) if tune else maps)
+        logits = head(model.layer4(batch) if tune else batch)
         logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=True)
         loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
         lr = sgd_step(optimizer, loss, it, total, cfg.power)
@@ -237,58 +246,122 @@ def check_training_keys(cfg) -> None:
         raise ConfigError(f"val_episodes must be >= 0, got {cfg.val_episodes}")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> list[dict]:
     """The command line: see ``run``; a user's mistake exits with one message."""
     args = parse_args(argv)
     with user_errors("train.py", args.debug):
         return run(args)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train both stages (stage 1 only without a base file to reuse), validate, save; returns the
-    loss histories, checkpoint path and scores."""
-    cfg = load_config(args.config, args.opts)
-    check_training_keys(cfg)
-    path, base = checkpoint_path(cfg), base_weight_path(cfg)
-    check_checkpoint_target(path, args.overwrite)
+# What the checkpoints of one command share (images, backbone features, base learner): a
+# --then may change anything else (shot, arch, epochs, weight, ...).
+SHARED_KEYS = ("data_set", "data_root", "lists_root", "train_list", "split", "use_split_coco", "train_h", "train_w",
+               "backbone", "layers", "vgg", "base_width", "init_backbone", "weights_root", "base_weight",
+               "base_learner_epochs", "base_learner_lr", "base_learner_layer4_lr", "device", "workers")
+
+
+def check_shared(cfgs: list, then: list[list[str]]) -> None:
+    """Further checkpoints (--then) share the first one's features and base file (UsageError)."""
+    if len(cfgs) > 1 and not cfgs[0].base_weight:
+        raise UsageError("--then needs base_weight: the checkpoints of one command share a base file")
+    for cfg, opts in zip(cfgs[1:], then):
+        for key in SHARED_KEYS:
+            if cfg[key] != cfgs[0][key]:
+                raise UsageError(f"--then {' '.join(opts)}: {key} {cfg[key]!r} differs from the first checkpoint's "
+                                 f"{cfgs[0][key]!r}; the checkpoints of one command share its images, features and "
+                                 "base learner: train this one with a command of its own")
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def frozen(model: FewShotModel, device: torch.device) -> FewShotModel:
+    """The model on ``device`` in eval mode, its backbone and base learner without gradients
+    (stage 1 turns the base learner's on for itself)."""
+    model.to(device).eval()
+    for name in (*BACKBONE_MODULES, "learner_base"):
+        getattr(model, name).requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def round_as_saved(model: FewShotModel) -> None:
+    """Round the backbone and base learner to float16, as the files keep them: meta-training then
+    sees the base learner that meta-testing loads, whether or not its run trained it."""
+    for name in (*BACKBONE_MODULES, "learner_base"):
+        for tensor in itertools.chain(getattr(model, name).parameters(), getattr(model, name).buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half())
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Train the checkpoint of the config and one more per --then, on one computation of the
+    features: stage 1 only without a base file to reuse; per checkpoint stage 2, save, validate.
+    Returns, per checkpoint, its loss histories, path, scores and phase times. Each checkpoint
+    is the one its own command (without --then) trains."""
+    cfgs = [load_config(args.config, args.opts + opts) for opts in [[], *args.then]]
+    for cfg in cfgs:
+        check_training_keys(cfg)
+        check_checkpoint_target(checkpoint_path(cfg), args.overwrite)
+    check_shared(cfgs, args.then)
+    cfg, base = cfgs[0], base_weight_path(cfgs[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     log.info("config %s\n%s", args.config, config_summary(cfg))
     for warning in config_warnings(cfg):  # val_size: the validation's geometry
         log.warning(warning)
     laps = Laps()
-    random.seed(cfg.manual_seed)
-    np.random.seed(cfg.manual_seed)
-    torch.manual_seed(cfg.manual_seed)
+    seed_everything(cfg.manual_seed)
     device = choose_device(cfg.device)
-    data_list, sampler = training_lists(cfg)
+    data_list, sub_lists = training_lists(cfg)
+    reuse_base = base is not None and base.is_file()
+    base_list = None if reuse_base else base_learner_list(cfg)
     lut = torch.from_numpy(base_label_lut(cfg.data_set, cfg.split, cfg.use_split_coco)).long()
     model = build_model(cfg)
-    reuse_base = base is not None and base.is_file()
     if reuse_base:  # the fold's base learner, shared by its checkpoints: stage 1 is done
         load_pspnet(model, base)
         log.info("stage 1: reusing the base file %s (delete it to train the base learner again)", base)
     else:
         init_backbone(model, cfg)
-    model.to(device).eval()
-    for name in BACKBONE_MODULES:
-        getattr(model, name).requires_grad_(False)
-    writer = SummaryWriter(str(repo_path(cfg.exp_root) / cfg.data_set / "train" / f"split{cfg.split}" /
-                               backbone_name(cfg)))
+    frozen(model, device)
+    logdir = str(repo_path(cfg.exp_root) / cfg.data_set / "train" / f"split{cfg.split}" / backbone_name(cfg))
+    writer = SummaryWriter(logdir)
     laps("setup")
-    images = DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers)
-    store = FeatureStore(model, images, device)
-    laps("features")
-    base_losses = [] if reuse_base else train_base_learner(model, store, lut, cfg, writer, device)
-    if base_losses and cfg.base_learner_layer4_lr > 0:  # layer4 learnt: its maps are out of date
-        store = FeatureStore(model, images, device)
+    base_losses = [] if reuse_base else train_base_learner(model, image_loader(base_list, cfg), lut, cfg, writer,
+                                                           device)
+    round_as_saved(model)
     if base is not None and not reuse_base:
         save_base(model, base, cfg.base_learner_epochs)
         log.info("saved the base file %s", base)
-    store.add_base_logits(device)
     laps("stage1")
+    store = FeatureStore(model, image_loader(data_list, cfg), device)
+    store.add_base_logits(device)
+    laps("features")
+    results = []
+    for index, cfg in enumerate(cfgs):
+        if index:  # as its own command would: seeded, built, the base file loaded
+            laps, writer = Laps(), SummaryWriter(logdir)
+            seed_everything(cfg.manual_seed)
+            model = build_model(cfg)
+            load_pspnet(model, base)
+            frozen(model, device)
+            laps("setup")
+        results.append(meta_train(model, store, EpisodeSampler(data_list, sub_lists, cfg.shot, cfg.batch_size),
+                                  lut, cfg, writer, device, laps))
+    results[0]["base_losses"] = base_losses
+    return results
+
+
+def meta_train(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor, cfg, writer,
+               device: torch.device, laps: Laps) -> dict:
+    """Stage 2 of one checkpoint, then save, validate and report."""
+    path, base = checkpoint_path(cfg), base_weight_path(cfg)
+    seed_everything(cfg.manual_seed)  # the same dropout masks whether or not stage 1 ran before
     meta_history = train_meta_learner(model, store, sampler, lut, cfg, writer, device)
     laps("stage2")
-    del store
     save_checkpoint(model, path, cfg.epochs, without_base=base is not None)
     log.info("saved %s", path)
     val = validate(model, cfg, device, writer) if cfg.val_episodes else None
@@ -297,19 +370,32 @@ def run(args: argparse.Namespace) -> dict:
     writer.close()
     seconds = laps.seconds | {"total": sum(laps.seconds.values())}
     report(cfg, path, seconds, val)
-    return {"checkpoint": str(path), "base_weight": None if base is None else str(base), "base_losses": base_losses,
+    return {"checkpoint": str(path), "base_weight": None if base is None else str(base), "base_losses": [],
             "meta_losses": meta_history["loss"], "meta_history": meta_history, "validation": val, "seconds": seconds}
 
 
-def training_lists(cfg) -> tuple[list, EpisodeSampler]:
-    """The fold's train images (the BAM train list) and the meta-training episodes over them."""
+def training_lists(cfg) -> tuple[list, dict]:
+    """The fold's meta-training images (the BAM train list) and its images per base class."""
     data_root = repo_path(cfg.data_root)
     if cfg.data_set == "demo":  # the built-in benchmark is generated on first use
         ensure_demo_present(data_root)
     data_path, sub_path = fss_list_files(repo_path(cfg.lists_root), cfg.data_set, "train", cfg.split)
-    data_list = read_data_list(str(data_path), str(data_root))
-    sub_lists = read_sub_class_file_list(str(sub_path), str(data_root))
-    return data_list, EpisodeSampler(data_list, sub_lists, cfg.shot, cfg.batch_size)
+    return read_data_list(str(data_path), str(data_root)), read_sub_class_file_list(str(sub_path), str(data_root))
+
+
+def base_learner_list(cfg) -> list:
+    """Stage 1's images: every one of ``train_list`` (novel classes become background through
+    the base-label table), as BAM's train_base.py trains its PSPNet on the whole train set."""
+    if not cfg.train_list:
+        raise ConfigError("train_list is empty: stage 1 trains the base learner on it (every train image, novel "
+                          "classes as background; the demo's is data/demo/lists/demo/train.txt), or set base_weight "
+                          "to an existing base file to skip stage 1")
+    return read_data_list(str(repo_path(cfg.train_list)), str(repo_path(cfg.data_root)))
+
+
+def image_loader(data_list: list, cfg) -> DataLoader:
+    """Images and labels of a list in the evaluation geometry at ``train_h``, in list order."""
+    return DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers)
 
 
 def report(cfg, path: Path, seconds: dict[str, float], val: dict | None) -> None:

@@ -62,3 +62,13 @@ class FeatureStore:
         if self.base_logits is not None:
             self.model.keep_base_logits(feats, self.base_logits[items].to(device))
         return feats
+
+
+def layer_maps(model: FewShotModel, loader: DataLoader, device: torch.device, layer: str) -> tuple[Tensor, Tensor]:
+    """One backbone stage's maps of every image (float16, on the CPU) and the labels [N, S, S]:
+    the base learner's training set, which needs no other field."""
+    maps, labels = [], []
+    for images, label in tqdm(loader, desc=f"backbone {layer}", dynamic_ncols=True):
+        maps.append(getattr(model.extract(images.to(device)), layer).to("cpu", torch.float16))
+        labels.append(label)
+    return torch.cat(maps), torch.cat(labels)

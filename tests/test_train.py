@@ -18,12 +18,14 @@ from util.checkpoint import CheckpointError, load_weights
 from util.config import load_config
 
 EPOCHS, BASE_EPOCHS, BATCH = 3, 4, 4
-TRAIN_IMAGES = 29  # fold 0's train list of the tiny benchmark below
+TRAIN_IMAGES = 29  # fold 0's meta-training list of the tiny benchmark below (BAM's filter)
+ALL_TRAIN_IMAGES = 80  # its train_list: stage 1 learns on every train image
 
 
 def write_config(root, **overrides):
     config = {"Data": {"data_set": "demo", "split": 0, "data_root": str(root / "demo"),
-                       "lists_root": str(root / "demo" / "lists")},
+                       "lists_root": str(root / "demo" / "lists"),
+                       "train_list": str(root / "demo" / "lists" / "demo" / "train.txt")},
               "Method": {"backbone": "mobilenetv2", "reduce_dim": 16, "base_width": 16},
               "Train": {"train_h": 113, "train_w": 113, "val_size": 113, "init_backbone": "none",
                         "batch_size": BATCH, "epochs": EPOCHS, "base_lr": 0.05,
@@ -48,7 +50,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # train.py checks for the benchmark on first use
         mp.setattr(train, "ensure_demo_present", calls.append)
         try:
-            result = train.main(["--config", str(path)])
+            result = train.main(["--config", str(path)])[0]
         finally:
             torch.set_num_threads(threads)
     return root, path, result, calls
@@ -84,8 +86,9 @@ def test_backbone_is_frozen_and_base_learner_trained(trained):
 def test_training_lowers_both_losses(trained):
     _, _, result, _ = trained
     base, meta = result["base_losses"], result["meta_losses"]
-    # Stage 2 drops the images without enough same-class images.
-    assert len(base) == BASE_EPOCHS * (TRAIN_IMAGES // BATCH)
+    # Stage 1 learns on every train image; stage 2 on BAM's meta-training list, and it drops the
+    # images without enough same-class images.
+    assert len(base) == BASE_EPOCHS * (ALL_TRAIN_IMAGES // BATCH)
     assert EPOCHS <= len(meta) <= EPOCHS * (TRAIN_IMAGES // BATCH)
     history = result["meta_history"]
     assert all(len(history[k]) == len(meta) for k in ("final", "meta", "base"))
@@ -185,11 +188,11 @@ def test_a_fold_shares_one_base_file(trained, monkeypatch):
     torch.set_num_threads(1)
     base = root / "weights" / "demo" / "split0" / "mobilenetv2" / "base.pth"
     first = train.main(["--config", str(path), "--opts", "base_weight", "base.pth", "weight", "msanet.pth",
-                        "val_episodes", "0"])
-    assert first["base_weight"] == str(base) and len(first["base_losses"]) == BASE_EPOCHS * (TRAIN_IMAGES // BATCH)
+                        "val_episodes", "0"])[0]
+    assert first["base_weight"] == str(base) and len(first["base_losses"]) == BASE_EPOCHS * (ALL_TRAIN_IMAGES // BATCH)
     written = base.read_bytes()
     bam = train.main(["--config", str(path), "--opts", "base_weight", "base.pth", "weight", "bam.pth", "arch", "BAM",
-                      "shot", "2", "val_episodes", "0"])
+                      "shot", "2", "val_episodes", "0"])[0]
     assert bam["base_losses"] == [] and base.read_bytes() == written
     for name, opts in (("msanet.pth", []), ("bam.pth", ["arch", "BAM", "shot", "2"])):
         cfg = load_config(path, ["base_weight", "base.pth", "weight", name, *opts])
@@ -202,24 +205,77 @@ def test_a_fold_shares_one_base_file(trained, monkeypatch):
 
 
 def test_layer4_learns_with_the_base_learner_when_asked(trained, monkeypatch):
-    """base_learner_layer4_lr > 0: layer4's weights change in stage 1 (not its BN statistics nor the
-    other stages), and the features are computed again before meta-training."""
+    """base_learner_layer4_lr > 0: stage 1 learns on the layer3 maps of every train_list image,
+    layer4's weights change (not its BN statistics nor the other stages), and meta-training's
+    features come from the trained layer4."""
     root, path, _, _ = trained
     monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
-    stores = []
+    stage1, stores = [], []
+    monkeypatch.setattr(train, "layer_maps", lambda *a: stage1.append(a[-1]) or train_layer_maps(*a))
     monkeypatch.setattr(train, "FeatureStore", lambda *a: stores.append(train_feature_store(*a)) or stores[-1])
     torch.set_num_threads(1)
     result = train.main(["--config", str(path), "--opts", "weight", "tuned.pth", "val_episodes", "0",
-                         "base_learner_layer4_lr", "0.05", "epochs", "1"])
-    assert len(stores) == 2
+                         "base_learner_layer4_lr", "0.05", "epochs", "1"])[0]
+    assert stage1 == ["layer3"] and len(stores) == 1 and len(stores[0].labels) == TRAIN_IMAGES
     saved = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
     torch.manual_seed(7)  # train.py builds its model right after seeding with manual_seed
-    initial = build_model(load_config(path)).state_dict()
-    changed = {k for k in saved if k.startswith("layer") and not torch.equal(saved[k], initial[k].half())}
+    initial = build_model(load_config(path))
+    changed = {k for k in saved if k.startswith("layer") and not torch.equal(saved[k], initial.state_dict()[k].half())}
     assert changed and all(k.startswith("layer4.") and not k.endswith(("running_mean", "running_var"))
                            for k in changed)
-    assert not torch.equal(stores[0].layer4(torch.arange(4), torch.device("cpu")),
-                           stores[1].layer4(torch.arange(4), torch.device("cpu")))
+    tuned = build_model(load_config(path)).eval()
+    tuned.load_state_dict({k: v.float() for k, v in saved.items()})
+    cpu, items = torch.device("cpu"), torch.arange(4)
+    layer3, layer4 = stores[0].layer3(items, cpu), stores[0].layer4(items, cpu)
+    with torch.no_grad():
+        assert torch.allclose(layer4, tuned.layer4(layer3), atol=0.05)
+        assert not torch.allclose(layer4, initial.eval().layer4(layer3), atol=0.05)
 
 
-train_feature_store = train.FeatureStore
+def test_stage1_needs_a_train_list(trained, tmp_path, monkeypatch, capsys):
+    """Without train_list the base learner cannot be trained: one message, exit 2; a fold whose
+    base file exists needs none."""
+    root, path, _, _ = trained
+    monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", str(path), "--opts", "train_list", "", "weight", "no_list.pth"])[0]
+    assert exit_info.value.code == 2
+    assert "train_list is empty" in capsys.readouterr().err
+    shared = ["base_weight", "listed_base.pth", "val_episodes", "0", "epochs", "1"]
+    train.main(["--config", str(path), "--opts", *shared, "weight", "with_list.pth"])[0]
+    again = train.main(["--config", str(path), "--opts", *shared, "weight", "reused.pth", "train_list", ""])[0]
+    assert again["base_losses"] == []
+
+
+train_feature_store, train_layer_maps = train.FeatureStore, train.layer_maps
+
+
+def test_then_trains_what_separate_commands_train(trained, monkeypatch):
+    """--then: checkpoints trained on one computation of the features are, bit for bit, those that
+    separate commands train (the first writing the base file, the next one reusing it)."""
+    root, path, _, _ = trained
+    monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
+    torch.set_num_threads(1)
+    common = ["val_episodes", "0", "epochs", "1"]
+    together = train.main(["--config", str(path), "--then", "arch", "BAM", "shot", "2", "weight", "t_bam.pth",
+                           "--opts", "base_weight", "t_base.pth", "weight", "t_msanet.pth", *common])
+    assert [len(r["base_losses"]) > 0 for r in together] == [True, False]
+    train.main(["--config", str(path), "--opts", "base_weight", "s_base.pth", "weight", "s_msanet.pth", *common])
+    train.main(["--config", str(path), "--opts", "base_weight", "s_base.pth", "weight", "s_bam.pth", "arch", "BAM",
+                "shot", "2", *common])
+    folder = root / "weights" / "demo" / "split0" / "mobilenetv2"
+    for name in ("base", "msanet", "bam"):
+        shared = torch.load(folder / f"t_{name}.pth", weights_only=True)["state_dict"]
+        alone = torch.load(folder / f"s_{name}.pth", weights_only=True)["state_dict"]
+        assert shared.keys() == alone.keys() and all(torch.equal(shared[k], alone[k]) for k in shared), name
+
+
+def test_then_refuses_what_the_checkpoints_cannot_share(trained, monkeypatch, capsys):
+    root, path, _, _ = trained
+    monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
+    for then, opts, message in ((["split", "1"], ["base_weight", "x.pth"], "split 1 differs"),
+                                (["shot", "5"], [], "--then needs base_weight")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--config", str(path), "--then", *then, "--opts", "weight", "never.pth", *opts])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

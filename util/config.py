@@ -29,6 +29,9 @@ from util.errors import ConfigError, ConfigFileNotFound
 SCHEMA: dict[str, Any] = {
     # Data
     "data_root": "", "val_list": "",
+    # train.py stage 1: the base learner's list, every train image with novel classes as
+    # background (BAM's train_base.py: voc_sbd_merge_noduplicate.txt); '' = no stage 1 possible
+    "train_list": "",
     # Train (train_h/w, batch_size, base_lr, epochs, power, fix_bn: train.py's meta-training)
     "train_h": 473, "train_w": 473, "val_size": 473,
     "split": 0, "shot": 1, "data_set": "pascal", "use_split_coco": False,
@@ -85,7 +88,7 @@ SCHEMA: dict[str, Any] = {
 # loop and logging, which have no counterpart here.
 ANY = object()
 NOT_READ: dict[str, Any] = {
-    "base_data_root": ANY, "train_list": ANY, "scale_min": ANY, "scale_max": ANY, "rotate_min": ANY,
+    "base_data_root": ANY, "scale_min": ANY, "scale_max": ANY, "rotate_min": ANY,
     "rotate_max": ANY, "start_epoch": ANY, "stop_interval": ANY, "index_split": ANY, "warmup": ANY,
     "print_freq": ANY, "save_freq": ANY, "resume": ANY, "evaluate": ANY, "SubEpoch_val": ANY,
     "seed_deterministic": ANY, "aux_weight2": ANY, "sr_aux_weight2": ANY, "memo_weight": ANY, "merge": ANY,
