@@ -20,6 +20,8 @@ from util.config import load_config
 EPOCHS, BASE_EPOCHS, BATCH = 3, 4, 4
 TRAIN_IMAGES = 29  # fold 0's meta-training list of the tiny benchmark below (BAM's filter)
 ALL_TRAIN_IMAGES = 80  # its train_list: stage 1 learns on every train image
+# The real steps, for the tests that wrap them to see how they are called.
+train_feature_store, train_layer_maps = train.FeatureStore, train.layer_maps
 
 
 def write_config(root, **overrides):
@@ -220,7 +222,8 @@ def test_layer4_learns_with_the_base_learner_when_asked(trained, monkeypatch):
     saved = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
     torch.manual_seed(7)  # train.py builds its model right after seeding with manual_seed
     initial = build_model(load_config(path))
-    changed = {k for k in saved if k.startswith("layer") and not torch.equal(saved[k], initial.state_dict()[k].half())}
+    start = initial.state_dict()
+    changed = {k for k in saved if k.startswith("layer") and not torch.equal(saved[k], start[k].half())}
     assert changed and all(k.startswith("layer4.") and not k.endswith(("running_mean", "running_var"))
                            for k in changed)
     tuned = build_model(load_config(path)).eval()
@@ -239,16 +242,13 @@ def test_stage1_needs_a_train_list(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
     torch.set_num_threads(1)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--config", str(path), "--opts", "train_list", "", "weight", "no_list.pth"])[0]
+        train.main(["--config", str(path), "--opts", "train_list", "", "weight", "no_list.pth"])
     assert exit_info.value.code == 2
     assert "train_list is empty" in capsys.readouterr().err
     shared = ["base_weight", "listed_base.pth", "val_episodes", "0", "epochs", "1"]
-    train.main(["--config", str(path), "--opts", *shared, "weight", "with_list.pth"])[0]
+    train.main(["--config", str(path), "--opts", *shared, "weight", "with_list.pth"])
     again = train.main(["--config", str(path), "--opts", *shared, "weight", "reused.pth", "train_list", ""])[0]
     assert again["base_losses"] == []
-
-
-train_feature_store, train_layer_maps = train.FeatureStore, train.layer_maps
 
 
 def test_then_trains_what_separate_commands_train(trained, monkeypatch):
