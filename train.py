@@ -53,7 +53,7 @@ from dataset.lists import fss_list_files, read_data_list, read_sub_class_file_li
 from dataset.splits import base_classes, base_label_lut, novel_classes
 from evaluation.records import Scores, episode_record
 from model import FewShotModel, build_model
-from model.base import BACKBONE_MODULES
+from model.base import FROZEN_MODULES
 from model.contract import IGNORE
 from util.checkpoint import (base_weight_path, checkpoint_path, imagenet_weights_file, load_imagenet_backbone,
                               load_pspnet, save_base, save_checkpoint)
@@ -279,20 +279,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def frozen(model: FewShotModel, device: torch.device) -> FewShotModel:
+def frozen(model: FewShotModel, device: torch.device) -> None:
     """The model on ``device`` in eval mode, its backbone and base learner without gradients
     (stage 1 turns the base learner's on for itself)."""
     model.to(device).eval()
-    for name in (*BACKBONE_MODULES, "learner_base"):
+    for name in FROZEN_MODULES:
         getattr(model, name).requires_grad_(False)
-    return model
 
 
 @torch.no_grad()
 def round_as_saved(model: FewShotModel) -> None:
     """Round the backbone and base learner to float16, as the files keep them: meta-training then
     sees the base learner that meta-testing loads, whether or not its run trained it."""
-    for name in (*BACKBONE_MODULES, "learner_base"):
+    for name in FROZEN_MODULES:
         for tensor in itertools.chain(getattr(model, name).parameters(), getattr(model, name).buffers()):
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half())

@@ -69,6 +69,6 @@ def layer_maps(model: FewShotModel, loader: DataLoader, device: torch.device, la
     the base learner's training set, which needs no other field."""
     maps, labels = [], []
     for images, label in tqdm(loader, desc=f"backbone {layer}", dynamic_ncols=True):
-        maps.append(getattr(model.extract(images.to(device)), layer).to("cpu", torch.float16))
+        maps.append(model.stage(images.to(device), layer).to("cpu", torch.float16))
         labels.append(label)
     return torch.cat(maps), torch.cat(labels)

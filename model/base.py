@@ -28,6 +28,8 @@ from model.similarity import CacheBudget
 ADAPTED_MODULES = ("down_query", "down_supp", "init_merge", "ASPP_meta", "res1_meta", "res2_meta",
                    "cls_meta", "gram_merge", "cls_merge", "kshot_rw")
 BACKBONE_MODULES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+# Backbone and base learner: what a PSPNet base file holds, frozen during meta-learning.
+FROZEN_MODULES = (*BACKBONE_MODULES, "learner_base")
 BASE_LOGITS = "base_low"  # Features.cache key of the base learner's logits at feature resolution
 
 
@@ -153,6 +155,13 @@ class FewShotModel(nn.Module):
         l2, l3, l4 = stages[2:]
         mid = torch.cat([l3, resize(l2, l3.shape[-2:]) if self.is_vgg else l2], 1)
         return Features(l2, l3, l4, mid, taps, tuple(images.shape[-2:]))
+
+    @torch.no_grad()
+    def stage(self, images: Tensor, name: str) -> Tensor:
+        """One backbone stage's output (``layer0`` .. ``layer4``), without running the later
+        stages or taking taps: what training the base learner reads."""
+        layers = [getattr(self, n) for n in BACKBONE_MODULES[:BACKBONE_MODULES.index(name) + 1]]
+        return self.spec.run(layers, images, False)[0][-1]
 
     @staticmethod
     def cached(feats: Features, key: str, compute):
@@ -285,7 +294,7 @@ class FewShotModel(nn.Module):
     def train(self, mode: bool = True) -> "FewShotModel":
         """Frozen parts (backbone, base learner) stay in eval mode whatever ``mode`` is."""
         super().train(mode)
-        for name in (*BACKBONE_MODULES, "learner_base"):
+        for name in FROZEN_MODULES:
             getattr(self, name).eval()
         return self
 

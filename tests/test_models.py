@@ -656,6 +656,18 @@ def test_l2_group_last_shot_quirk(models, backbone):
     assert changed > 1e-4 if backbone == "vgg" else changed == 0
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg", "mobilenetv2"])
+def test_one_stage_is_that_of_the_full_extraction(models, backbone):
+    """``stage`` (training's base-learner maps) runs the backbone only as far as it must, and
+    gives exactly what the full extraction with taps gives."""
+    model = models("MSANet", backbone)
+    images = torch.randn(2, 3, 41, 41)
+    feats = model.extract(images)
+    for name in ("layer2", "layer3", "layer4"):
+        assert torch.equal(model.stage(images, name), getattr(feats, name)), name
+
+
 # ---- 8. frozen parts ------------------------------------------------------------------------
 def test_train_mode_keeps_frozen_parts_in_eval(models):
     model = copy.deepcopy(models("MSANet", "resnet50")).train()
