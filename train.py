@@ -17,11 +17,14 @@ same features and base file, as its own command would train it, without computin
 The backbone runs in eval mode (ImageNet or random weights, BN statistics frozen), so its
 maps are computed once per stage and kept (float16): stage 1's input stage (layer3 when layer4
 learns, else layer4) of the train_list images, then, after stage 1, every field of the fold's
-meta-training images. Every image goes through the evaluation geometry at ``train_h`` (long side
-scaled, padded square canvas): no scale/rotate/crop augmentation, only random horizontal flips
-of the cached maps in stage 1. Writes ``{weights_root}/{data_set}/split{split}/{backbone}/{weight}``
-with float16 tensors and TensorBoard curves under
-``{exp_root}/{data_set}/train/split{split}/{backbone}``. An existing checkpoint file (the
+meta-training images. BAM's steps would also run layer4 on every support's layer3 masked by its
+class: those maps are computed once per checkpoint for every (image, class) a support can be
+(float32, within ``support_cache_mb``), in batches of a step's size, so they are bitwise what
+the steps would compute. Every image goes through the evaluation geometry at ``train_h`` (long
+side scaled, padded square canvas): no scale/rotate/crop augmentation, only random horizontal
+flips of the cached maps in stage 1. Writes
+``{weights_root}/{data_set}/split{split}/{backbone}/{weight}`` with float16 tensors and
+TensorBoard curves under ``{exp_root}/{data_set}/train/split{split}/{backbone}``. An existing checkpoint file (the
 committed demo models among them) is never replaced without ``--overwrite``: set
 ``weights_root``/``weight`` to write elsewhere. Input errors end with one message (exit 2 for
 config and usage), the traceback only with ``--debug``.
@@ -46,13 +49,14 @@ from tqdm import tqdm
 
 from dataset.demo import ensure_demo_present
 from dataset.episodes import EpisodeSampler
-from dataset.features import FeatureStore, layer_maps
+from dataset.features import FeatureStore, class_masks, layer_maps
 from dataset.fewshot import build_episode_dataset, to_device
 from dataset.images import ImageSet
 from dataset.lists import fss_list_files, read_data_list, read_sub_class_file_list
 from dataset.splits import base_classes, base_label_lut, novel_classes
 from evaluation.records import Scores, episode_record
 from model import FewShotModel, build_model
+from model.bam import BAM
 from model.base import FROZEN_MODULES
 from model.contract import IGNORE
 from util.checkpoint import (base_weight_path, checkpoint_path, imagenet_weights_file, load_imagenet_backbone,
@@ -142,12 +146,6 @@ def train_base_learner(model: FewShotModel, images: DataLoader, lut: Tensor, cfg
     return losses
 
 
-def class_masks(labels: Tensor, classes: Tensor) -> Tensor:
-    """Class ids [B,...,S,S] -> 0/1/255 masks of the per-episode class [B] (as dataset.fewshot)."""
-    chosen = classes.view(-1, *[1] * (labels.dim() - 1))
-    return torch.where(labels == IGNORE, IGNORE, (labels == chosen).long())
-
-
 def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor,
                        cfg, writer, device) -> dict[str, list[float]]:
     """Stage 2: meta-training of everything but the backbone and the base learner."""
@@ -158,6 +156,8 @@ def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: Episod
                 module.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer([(params, cfg.base_lr)], cfg)
+    if isinstance(model, BAM):
+        keep_masked_supports(model, store, sampler, cfg.support_cache_mb, device)
     rng = np.random.default_rng(cfg.manual_seed)
     total = cfg.epochs * sampler.steps_per_epoch
     episodes = itertools.chain.from_iterable(sampler.epoch(rng) for _ in range(cfg.epochs))
@@ -166,8 +166,8 @@ def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: Episod
                                                              dynamic_ncols=True)):
         b, k = supports.shape
         query = store.batch(torch.from_numpy(queries), device)
-        support = store.batch(torch.from_numpy(supports.reshape(-1)), device)
         classes = torch.from_numpy(classes)
+        support = store.batch(torch.from_numpy(supports.reshape(-1)), device, classes.repeat_interleave(k))
         query_labels = store.labels[torch.from_numpy(queries)].long()
         target = class_masks(query_labels, classes).to(device)
         masks = class_masks(store.labels[torch.from_numpy(supports)].long(), classes).to(device)
@@ -187,7 +187,21 @@ def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: Episod
             history[name].append(value.item())
             writer.add_scalar("stage2/loss" if name == "loss" else f"stage2/loss_{name}", value.item(), it)
         writer.add_scalar("stage2/lr", lr, it)
+    store.drop_masked_layer4()
     return history
+
+
+def keep_masked_supports(model: BAM, store: FeatureStore, sampler: EpisodeSampler, budget_mb: float,
+                         device: torch.device) -> None:
+    """BAM's masked support layer4 maps of every (image, class) that can be drawn, kept for all
+    steps when they fit in ``budget_mb`` (support_cache_mb)."""
+    pairs = sampler.support_pairs()
+    needed = store.masked_layer4_bytes(len(pairs))
+    if needed > budget_mb * 2**20:
+        log.info("stage 2: the masked layer4 maps of the %d support (image, class) pairs would take %.0f MB, over "
+                 "support_cache_mb %g: computed at every step instead", len(pairs), needed / 2**20, budget_mb)
+        return
+    store.keep_masked_layer4(model, pairs, sampler.batch * sampler.shot, device)
 
 
 @torch.no_grad()

@@ -134,6 +134,10 @@ class EpisodeSampler:
         self.shot, self.batch = shot, batch
         self.steps_per_epoch = len(self.queries) // batch  # the last incomplete batch is dropped
 
+    def support_pairs(self) -> list[tuple[int, int]]:
+        """Every (image index, class) that can be drawn as a support."""
+        return [(int(i), c) for c, pool in self.pools.items() if len(pool) > self.shot for i in pool]
+
     def epoch(self, rng: np.random.Generator):
         """Yields (queries [B], classes [B], supports [B, K]) index arrays."""
         order = rng.permutation(self.queries)

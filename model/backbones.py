@@ -37,7 +37,7 @@ class Features:
 
     ``mid`` is cat(layer3, layer2) at layer3's size (the input of down_query/down_supp);
     ``taps`` are MSANet's per-block feature maps; ``cache`` holds further frozen results
-    (Gram matrices, base-learner logits) computed on first use.
+    (Gram matrices, base-learner logits) computed on first use or handed in by training.
     """
 
     layer2: Tensor

@@ -504,6 +504,24 @@ def test_steps_on_cached_features_repeat_exactly(models, arch):
     assert_same_prediction(run_steps(model, query[1:2], support[2:4], masks[1:2]), item(first, 1))
 
 
+@torch.no_grad()
+def test_bam_takes_kept_masked_support_maps_for_their_masks_only(models):
+    """Training hands BAM the masked support layer4 maps it computed earlier: they are used for
+    the masks they belong to (batch slices included) and never for other masks."""
+    model = models("BAM", "resnet50")
+    _, supports, masks = make_episode(17, batch=1, shot=2)
+    support = model.extract(supports.flatten(0, 1))
+    full = (masks == 1).float().flatten(0, 1).unsqueeze(1)
+    mask_l3, maps = model.masked_layer4(support, full)
+    assert torch.equal(maps, model.layer4(support.layer3 * resize(full, support.layer3.shape[-2:])))
+    marked = maps + 1.0
+    BAM.keep_masked_layer4(support, mask_l3, marked)
+    assert model.masked_layer4(support, full)[1] is marked
+    assert torch.equal(model.masked_layer4(support[1:2], full[1:2])[1], marked[1:2])
+    assert torch.equal(model.masked_layer4(support, full.flip(-1))[1],
+                       model.layer4(support.layer3 * resize(full.flip(-1), support.layer3.shape[-2:])))
+
+
 def stats_table(k: int, seed: int, with_corr: bool = True) -> ShotStats:
     g = torch.Generator().manual_seed(seed)
     return ShotStats(est=torch.rand(k, k, generator=g), prior=torch.rand(k, k, 1, 3, 3, generator=g),

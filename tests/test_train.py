@@ -13,6 +13,7 @@ import train
 from dataset.demo import generate_demo
 from dataset.episodes import EpisodeSampler
 from model import build_model
+from model.bam import MASKED_LAYER4
 from util import checkpoint
 from util.checkpoint import CheckpointError, load_weights
 from util.config import load_config
@@ -269,6 +270,33 @@ def test_then_trains_what_separate_commands_train(trained, monkeypatch):
         shared = torch.load(folder / f"t_{name}.pth", weights_only=True)["state_dict"]
         alone = torch.load(folder / f"s_{name}.pth", weights_only=True)["state_dict"]
         assert shared.keys() == alone.keys() and all(torch.equal(shared[k], alone[k]) for k in shared), name
+
+
+def test_bam_keeps_its_masked_supports_and_trains_the_same_checkpoint(trained, monkeypatch):
+    """BAM's masked support layer4 maps, computed once per (image, class) and used at every step,
+    train bit for bit the checkpoint that computing them at every step trains; a support_cache_mb
+    too small for them means computing them at every step."""
+    root, path, _, _ = trained
+    monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
+    masked_layer4, hits = train.BAM.masked_layer4, []
+
+    def spy(model, support, full):
+        out = masked_layer4(model, support, full)
+        kept = support.cache.get(MASKED_LAYER4)
+        hits.append(kept is not None and out[1] is kept[1])
+        return out
+
+    monkeypatch.setattr(train.BAM, "masked_layer4", spy)
+    torch.set_num_threads(1)
+    common = ["arch", "BAM", "shot", "2", "epochs", "1", "val_episodes", "0"]
+    runs = {}
+    for name, opts in (("kept", []), ("every_step", ["support_cache_mb", "0"])):
+        hits.clear()
+        result = train.main(["--config", str(path), "--opts", *common, "weight", f"bam_{name}.pth", *opts])[0]
+        runs[name] = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
+        steps = len(result["meta_losses"])
+        assert sum(hits) == (steps if name == "kept" else 0), name
+    assert all(torch.equal(runs["kept"][k], runs["every_step"][k]) for k in runs["kept"])
 
 
 def test_then_refuses_what_the_checkpoints_cannot_share(trained, monkeypatch, capsys):

@@ -79,6 +79,9 @@ SCHEMA: dict[str, Any] = {
     # stage 1: learning rate of the backbone's layer4, trained with the base learner as a PSPNet's
     # backbone is (0: layer4 keeps its initial weights)
     "base_learner_layer4_lr": 0.0,
+    # stage 2, BAM: memory for the layer4 maps of every support (image, class), masked by the
+    # class, computed once instead of at every step (the same numbers; 0 = at every step)
+    "support_cache_mb": 2048,
     "val_episodes": 100,  # novel-class episodes of the quick validation after training (0 = none)
 }
 
@@ -118,7 +121,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 MIN_VAL_SIZE = 33
 LEARNING_RATES = ("base_lr", "ft_base_lr", "base_learner_lr", "base_learner_layer4_lr")
 NON_NEGATIVE = ("workers", "manual_seed", "weight_decay", "momentum", "power", "ft_power",
-                "sr_aux_weight1", "aux_weight1")
+                "sr_aux_weight1", "aux_weight1", "support_cache_mb")
 
 
 class CfgNode(dict):
