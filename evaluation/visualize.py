@@ -1,6 +1,14 @@
-"""Episode panels: supports, query, pseudo mask, base-model and EFTNet predictions side by side."""
+"""Episode panels: supports, query, pseudo mask, base-model and EFTNet predictions side by side.
+
+    python -m evaluation.visualize OUT.png PANEL.png...
+
+stacks panels that meta_test.py wrote (``show`` / ``show_ft`` folders) into one picture, as the
+README's.
+"""
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Optional
 
 import cv2
@@ -9,6 +17,7 @@ import torch
 
 from dataset.transforms import MEAN, STD
 from model.contract import IGNORE
+from util.errors import DataError, user_errors
 
 OUTLINE = (255, 40, 40)  # RGB
 IGNORE_COLOUR = np.array([255, 255, 255], dtype=np.float32)
@@ -52,3 +61,35 @@ def episode_panel(batch: dict, base_final: torch.Tensor, eft_final: Optional[tor
         tiles.append(_titled(overlay(query, eft_final[0].argmax(0)), "EFTNet"))
     gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], 1)
+
+
+def stack(rows: list[np.ndarray]) -> np.ndarray:
+    """Panels of equal width one above the other, with a white gap between them."""
+    if len({row.shape[1] for row in rows}) > 1:
+        raise DataError(f"panels of different widths {[row.shape[1] for row in rows]} (episodes with different shots?)")
+    gap = np.full((6, rows[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([part for row in rows for part in (row, gap)][:-1], 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="the picture to write (PNG)")
+    parser.add_argument("panels", nargs="+", help="episode panels written by meta_test.py")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    args = parser.parse_args(argv)
+    with user_errors("evaluation/visualize.py", args.debug):
+        if Path(args.out).suffix.lower() != ".png":
+            raise DataError(f"{args.out}: the picture is written as PNG, name it .png")
+        rows = []
+        for path in args.panels:
+            row = cv2.imread(path)
+            if row is None:
+                raise DataError(f"{path}: not a readable image")
+            rows.append(row)
+        if not cv2.imwrite(args.out, stack(rows)):
+            raise DataError(f"{args.out}: could not write the picture (does its folder exist?)")
+        print(f"wrote {Path(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
