@@ -201,7 +201,7 @@ def keep_masked_supports(model: BAM, store: FeatureStore, sampler: EpisodeSample
         log.info("stage 2: the masked layer4 maps of the %d support (image, class) pairs would take %.0f MB, over "
                  "support_cache_mb %g: computed at every step instead", len(pairs), needed / 2**20, budget_mb)
         return
-    store.keep_masked_layer4(model, pairs, sampler.batch * sampler.shot, device)
+    store.add_masked_layer4(model, pairs, sampler.batch * sampler.shot, device)
 
 
 @torch.no_grad()

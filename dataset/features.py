@@ -67,7 +67,7 @@ class FeatureStore:
 
     def batch(self, items: Tensor, device: torch.device, classes: Tensor | None = None) -> Features:
         """Features of some images; as supports of ``classes`` [len(items)], with BAM's masked
-        layer4 maps when ``keep_masked_layer4`` kept them for those (image, class) pairs."""
+        layer4 maps when ``add_masked_layer4`` computed them for those (image, class) pairs."""
         fields = [self.field(i, items, device) for i in range(len(self.slot_of))]
         feats = Features(*fields[:4], fields[4:], self.image_size)
         if self.base_logits is not None:
@@ -77,11 +77,11 @@ class FeatureStore:
         return feats
 
     def masked_layer4_bytes(self, pairs: int) -> int:
-        """Memory that ``keep_masked_layer4`` takes for this many pairs (float32 maps and masks)."""
+        """Memory that ``add_masked_layer4`` takes for this many pairs (float32 maps and masks)."""
         layer4 = self.slots[self.slot_of[2]]
         return pairs * (layer4[0].numel() + layer4[0, 0].numel()) * 4
 
-    def keep_masked_layer4(self, model: BAM, pairs: list[tuple[int, int]], chunk: int, device: torch.device) -> None:
+    def add_masked_layer4(self, model: BAM, pairs: list[tuple[int, int]], chunk: int, device: torch.device) -> None:
         """Compute BAM's layer4 of every support (image index, class) pair, masked by its class,
         once for all meta-training steps instead of at every step (5-shot: 40 supports a step).
 
