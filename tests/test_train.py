@@ -273,14 +273,16 @@ def test_then_trains_what_separate_commands_train(trained, monkeypatch):
 
 
 def test_bam_keeps_its_masked_supports_and_trains_the_same_checkpoint(trained, monkeypatch):
-    """BAM's masked support layer4 maps, computed once per (image, class) and used at every step,
-    train bit for bit the checkpoint that computing them at every step trains; a support_cache_mb
-    too small for them means computing them at every step."""
+    """BAM's masked support layer4 maps, computed once per (image, class) in batches of a step's
+    size (a convolution's last bits can depend on it) and used at every step, train bit for bit
+    the checkpoint that computing them at every step trains; a support_cache_mb too small for
+    them means computing them at every step."""
     root, path, _, _ = trained
     monkeypatch.setattr(train, "ensure_demo_present", lambda root: None)
-    masked_layer4, hits = train.BAM.masked_layer4, []
+    masked_layer4, hits, sizes = train.BAM.masked_layer4, [], set()
 
     def spy(model, support, full):
+        sizes.add(len(full))
         out = masked_layer4(model, support, full)
         kept = support.cache.get(MASKED_LAYER4)
         hits.append(kept is not None and out[1] is kept[1])
@@ -297,6 +299,7 @@ def test_bam_keeps_its_masked_supports_and_trains_the_same_checkpoint(trained, m
         steps = len(result["meta_losses"])
         assert sum(hits) == (steps if name == "kept" else 0), name
     assert all(torch.equal(runs["kept"][k], runs["every_step"][k]) for k in runs["kept"])
+    assert sizes == {BATCH * 2}  # the kept maps too went through in batches of a step's supports
 
 
 def test_then_refuses_what_the_checkpoints_cannot_share(trained, monkeypatch, capsys):
