@@ -1,6 +1,6 @@
 """Train a few-shot base model (MSANet or BAM) on a fold's base classes, in two stages.
 
-    python train.py --config config/demo/demo_split0_mobilenetv2.yaml [--then key value ...]... [--opts key value ...]
+    python train.py --config CONFIG.yaml [--then key value ...]... [--opts key value ...]
 
 Each ``--then`` trains one more checkpoint of the fold (another shot, arch or schedule) on the
 same features and base file, as its own command would train it, without computing them again.
@@ -24,10 +24,10 @@ the steps would compute. Every image goes through the evaluation geometry at ``t
 side scaled, padded square canvas): no scale/rotate/crop augmentation, only random horizontal
 flips of the cached maps in stage 1. Writes
 ``{weights_root}/{data_set}/split{split}/{backbone}/{weight}`` with float16 tensors and
-TensorBoard curves under ``{exp_root}/{data_set}/train/split{split}/{backbone}``. An existing checkpoint file (the
-committed demo models among them) is never replaced without ``--overwrite``: set
-``weights_root``/``weight`` to write elsewhere. Input errors end with one message (exit 2 for
-config and usage), the traceback only with ``--debug``.
+TensorBoard curves under ``{exp_root}/{data_set}/train/split{split}/{backbone}``. An existing
+checkpoint file (the committed demo models among them) is never replaced without
+``--overwrite``: set ``weights_root``/``weight`` to write elsewhere. Input errors end with one
+message (exit 2 for config and usage), the traceback only with ``--debug``.
 """
 from __future__ import annotations
 

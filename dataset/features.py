@@ -77,9 +77,10 @@ class FeatureStore:
         return feats
 
     def masked_layer4_bytes(self, pairs: int) -> int:
-        """Memory that ``add_masked_layer4`` takes for this many pairs (float32 maps and masks)."""
-        layer4 = self.slots[self.slot_of[2]]
-        return pairs * (layer4[0].numel() + layer4[0, 0].numel()) * 4
+        """Memory that ``add_masked_layer4`` takes for this many pairs (float32 layer4 maps and
+        masks at layer3's size)."""
+        layer3, layer4 = (self.slots[self.slot_of[i]] for i in (1, 2))
+        return pairs * (layer4[0].numel() + layer3[0, 0].numel()) * 4
 
     def add_masked_layer4(self, model: BAM, pairs: list[tuple[int, int]], chunk: int, device: torch.device) -> None:
         """Compute BAM's layer4 of every support (image index, class) pair, masked by its class,
