@@ -3,7 +3,7 @@
     python -m benchmarks.bench_bootstrap [--episodes 6000] [--classes 20] [--draws 2000] [--seeds 6]
 
 Prints seconds for one comparison on all episodes as one sample, and pooled over seeds
-(each seed resampled within itself). The issue's budget is 5 s for 6,000 episodes.
+(each seed resampled within itself). The target is under 5 s for 6,000 episodes.
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ background is full of things that are no class. Appearance varies strongly withi
 (scale, aspect, rotation, colour jitter, texture frequency and contrast, occlusion), so support
 and query images can differ a lot.
 
-Format history: version 1 paired shape i with texture i (classes 1..10) or texture i+5 (classes
-11..20) and had no unlabelled objects; its base learners mistook the novel objects for the base
-classes whose shape or texture they shared. Version 2 gives each class its own texture, adds
-the unlabelled objects and has 4,000 train images instead of 1,800.
+The 20 textures stay distinct under rotation (objects are rotated at random), because the base
+learner, trained on the base classes only, takes a novel object for any base class whose
+texture it shares. The unlabelled objects teach it that an object on the background need not
+be a class.
 
 Every image is drawn from its own generator seeded by (seed, split, index): the files do not
 depend on generation order and the same seed gives byte-identical files.
@@ -42,7 +42,7 @@ DEFAULT_SIZE = 200
 # than PASCAL in relative terms and drops only the smallest or most occluded objects.
 DEMO_MIN_PIXELS = 1024
 MANIFEST = "demo_manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # in the manifest: a benchmark of another version is generated again
 SPLIT_IDS = {"train": 0, "val": 1}
 # Train images hold few objects so that many survive BAM's rule of dropping every train image
 # with a novel class; val images hold more so that every novel class has many queries.

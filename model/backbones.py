@@ -24,9 +24,9 @@ VGG_TAP_MODULES = (0, 3, 6)
 # MobileNetV2 (the demo's small ImageNet backbone): ``features`` slices and the dilation of the
 # depthwise convs in layer3/layer4 that keep output stride 8. It ends with its 96-channel blocks
 # 11-13 (layer4; layer3 is blocks 7-10, 64 channels). Its deepest blocks (14-16, 160
-# channels) are left out: their ImageNet features describe the demo's synthetic textures so
-# poorly that a base learner reading them stayed near 10 % base-class mIoU on the format-1
-# demo benchmark (24 % on blocks 11-13 after the same training).
+# channels) are left out: their ImageNet features describe the demo's synthetic textures
+# poorly (in a probe with the same training, a base learner reading them reached less than half
+# the base-class mIoU of one reading blocks 11-13).
 MOBILENET_STAGES = ((0, 2), (2, 4), (4, 7), (7, 11), (11, 14))
 MOBILENET_DILATIONS = {3: 2, 4: 2}
 
