@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +45,8 @@ from model.eftnet import EFTNet
 from util import distributed
 from util.checkpoint import base_weight_path, checkpoint_path, file_sha256, load_configured
 from util.config import backbone_name, config_summary, config_warnings, load_config
-from util.errors import OutputError, user_errors
+from util.errors import OutputError, kept_on_interrupt, user_errors
+from util.lock import FolderLock
 from util.paths import repo_path, write_text_atomic
 
 log = logging.getLogger("meta_test")
@@ -113,8 +116,6 @@ def _difference(old_text: str, new_text: str) -> str:
 
 def check_output(out: Path, fingerprint_text: str, restart: bool) -> None:
     """Refuse (reading only) an output folder whose records another run made."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--exp-dir {out} is a file, not a folder")
     if restart or not out.is_dir() or not any(out.glob("records_seed*.jsonl")):
         return
     snapshot = out / "config.json"
@@ -159,19 +160,52 @@ def seed_episodes(cfg, out: Path, seed: int, restart: bool) -> tuple[EpisodeData
     return dataset, episodes, True
 
 
+def record_files(out: Path, seed: int | str = "*") -> list[Path]:
+    """The records files of ``seed`` (every seed by default), one per rank, in ``out``."""
+    return sorted(out.glob(f"records_seed{seed}_rank*.jsonl"))
+
+
+def check_records(out: Path, seeds: list[int], episodes: int) -> None:
+    """Read every records file an earlier run left (DataError on damage); say what a kill cut short."""
+    for seed in seeds:
+        for note in RecordFile.read_all(record_files(out, seed), episodes)[1]:
+            log.warning(note)
+
+
+def discard_earlier_run(out: Path) -> None:
+    """--restart: what described the earlier records goes first (its results, counts, plots and
+    curves), then the records, so that no file is ever left describing records that are gone."""
+    for path in (out / "results.json", out / "results.txt", out / COUNTS_FILE, *out.glob("plot_*.png")):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    for path in record_files(out):
+        path.unlink()
+
+
 def prepare_output(out: Path, cfg, fingerprint_text: str, restart: bool,
                    plans: dict[int, tuple[EpisodeDataset, list[Episode], bool]]) -> None:
-    """Create ``out`` and write the run's config snapshot and episode lists; with ``restart``,
-    discard earlier records first. Called only once every input has been checked."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the run's config snapshot and episode lists into ``out``: with ``restart`` after
+    discarding the earlier run, else after ending each records file with a whole record. Called
+    only once every input has been checked."""
     if restart:
-        for path in out.glob("records_seed*.jsonl"):
-            path.unlink()
+        discard_earlier_run(out)
+    for path in record_files(out):
+        RecordFile.repair(path, cfg.test_num)
     write_text_atomic(out / "config.json", fingerprint_text)
     for seed, (_, episodes, save) in plans.items():
         if save:
             save_episodes(str(out / f"episodes_seed{seed}.json"), episodes,
                           {"seed": seed, "data_set": cfg.data_set, "split": cfg.split, "shot": cfg.shot})
+
+
+def early_stop_warnings(per_seed: dict[int, dict]) -> list[str]:
+    """A warning when EFTNet's rounds stopped early (a non-finite fine-tuning loss) in any episode."""
+    stopped = sum(s["stopped_early"] for s in per_seed.values())
+    if not stopped:
+        return []
+    episodes = sum(s["episodes"] for s in per_seed.values())
+    return [f"{stopped} of {episodes} episodes stopped their EFTNet rounds early (a non-finite fine-tuning loss, "
+            "e.g. from too large a ft_base_lr): their round was chosen among fewer rounds"]
 
 
 class Evaluator:
@@ -212,7 +246,7 @@ class Evaluator:
 
     def records(self, seed: int) -> dict[int, dict]:
         """Every rank's records of ``seed`` read so far, by episode index."""
-        return RecordFile.read_all(sorted(self.out.glob(f"records_seed{seed}_rank*.jsonl")))
+        return RecordFile.read_all(record_files(self.out, seed), self.cfg.test_num)[0]
 
     def run_seed(self, seed_index: int, seed: int, dataset: EpisodeDataset) -> Scores:
         cfg, ctx, out = self.cfg, self.ctx, self.out
@@ -330,8 +364,19 @@ def run(args: argparse.Namespace) -> dict:
     if cfg.loop_ft and cfg.s2q_query_mask == "ground_truth":
         warnings.append(QUERY_LABEL_WARNING)
     out = output_dir(cfg, args.exp_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--exp-dir {out} is a file, not a folder")
     files = weight_files(cfg)
     digests = {f"{name}_sha256": file_sha256(path) for name, path in files.items()}  # once: they fingerprint the records
+    resume = f"the records of finished episodes are kept in {out}; rerun the same command to resume"
+    with FolderLock(out) if ctx.main else nullcontext(), kept_on_interrupt(resume):
+        return evaluate(args, cfg, ctx, out, files, digests, warnings)
+
+
+def evaluate(args: argparse.Namespace, cfg, ctx: distributed.Context, out: Path, files: dict[str, Path],
+             digests: dict[str, str], warnings: list[str]) -> dict:
+    """The run in its output folder, which this process holds: check what is there, then
+    evaluate every seed and write the results."""
     fingerprint_text = fingerprint(cfg, digests)
     check_output(out, fingerprint_text, args.restart)
     log.info("config %s\n%s", args.config, config_summary(cfg))
@@ -344,7 +389,9 @@ def run(args: argparse.Namespace) -> dict:
     evaluator = Evaluator(cfg, ctx)
     seeds = evaluation_seeds(cfg.manual_seed, cfg.num_seeds)
     plans = {seed: seed_episodes(cfg, out, seed, args.restart) for seed in seeds}
-    if ctx.main:  # every input is checked: only now is the output folder touched
+    if not args.restart:
+        check_records(out, seeds, cfg.test_num)
+    if ctx.main:  # every input is checked: only now is the output folder written
         prepare_output(out, cfg, fingerprint_text, args.restart, plans)
     ctx.barrier()
     evaluator.open_output(out)
@@ -353,11 +400,13 @@ def run(args: argparse.Namespace) -> dict:
         scores = evaluator.run_seed(seed_index, seed, plans[seed][0])
         per_seed[seed] = scores.seed_summary(cfg.loop_ft, cfg.ft_number)
         evaluator.log_seed(seed_index, seed, per_seed[seed], scores)
+    if cfg.loop_ft:
+        warnings = warnings + early_stop_warnings(per_seed)
     results = {"config": args.config, "exp_dir": str(out), "arch": cfg.arch, "data_set": cfg.data_set,
                "split": cfg.split, "shot": cfg.shot, "backbone": backbone_name(cfg), "loop_ft": cfg.loop_ft,
                "s2q_query_mask": cfg.s2q_query_mask if cfg.loop_ft else None,
                "uses_query_labels": bool(cfg.loop_ft and cfg.s2q_query_mask == "ground_truth"),
-               **{name: str(path) for name, path in files.items()}, **digests,
+               **{name: str(path) for name, path in files.items()}, **digests, "settings": dict(cfg),
                "warnings": warnings, "seeds": per_seed, **method_means(per_seed, cfg.loop_ft)}
     rules_text = None
     if ctx.main and cfg.loop_ft:

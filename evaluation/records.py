@@ -16,6 +16,7 @@ import torch
 from evaluation.analysis import round_fields
 from evaluation.metrics import BaseClassMeter, FewShotMeter, episode_counts
 from evaluation.tables import method_values, side_by_side
+from util.errors import DataError
 
 FIXED_SEED = 321  # EFTNet appends this seed to the drawn ones
 DRAWN_SEEDS = 5
@@ -64,16 +65,52 @@ def record_counts(counts: list[list[int]]) -> list[torch.Tensor]:
     return [torch.tensor(c, dtype=torch.float64) for c in counts]
 
 
+def _counts_problem(value: object, name: str) -> Optional[str]:
+    """What is wrong with an (intersection, union, target) triple of a record, if anything."""
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(c, list) for c in value)
+            and len({len(c) for c in value}) == 1
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for c in value for v in c)):
+        return f"'{name}' is not three lists of pixel counts"
+    return None
+
+
+def record_problem(record: object, episodes: int) -> Optional[str]:
+    """What makes ``record`` something other than an episode record of a run of ``episodes``
+    episodes (as ``episode_record`` writes them), or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an episode record"
+    missing = [k for k in ("episode", "class_idx", "zero", "base") if k not in record]
+    if missing:
+        return f"no {', '.join(repr(k) for k in missing)} field"
+    index = record["episode"]
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < episodes:
+        return f"episode {index!r} is not an episode index of this run (0..{episodes - 1})"
+    if not isinstance(record["class_idx"], int):
+        return f"class_idx {record['class_idx']!r} is not an integer"
+    for method in ("zero", "eftnet"):
+        if method in record:
+            if not isinstance(record[method], dict):
+                return f"'{method}' is not a mapping of outputs"
+            for output in ("final", "meta"):
+                problem = _counts_problem(record[method].get(output), f"{method}.{output}")
+                if problem:
+                    return problem
+    if "eftnet" in record:
+        rounds = record.get("rounds")
+        if not isinstance(rounds, dict) or any(k not in rounds for k in ("scores", "chosen", "losses", "stopped_early")):
+            return "'rounds' lacks the scores, chosen round, losses or stop flag of the EFTNet rounds"
+    return _counts_problem(record["base"], "base")
+
+
 class RecordFile:
-    """Append-only JSON-lines file of episode records, flushed after each one."""
+    """Append-only JSON-lines file of episode records, flushed after each one.
+
+    A kill can cut the last line short; nothing else may be wrong in the file. ``read_all``
+    refuses a damaged or repeated record (DataError naming file and line) and reports a cut
+    last line, which ``repair`` removes so that its episode runs again."""
 
     def __init__(self, path: Path):
         self.path = path
-        if path.exists() and path.stat().st_size:
-            with open(path, "rb+") as f:  # end a line torn by a kill, so new records parse
-                f.seek(-1, 2)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -81,17 +118,62 @@ class RecordFile:
             f.flush()
 
     @staticmethod
-    def read_all(paths: Iterable[Path]) -> dict[int, dict]:
-        """Records by episode index; a torn last line (killed mid-write) is skipped."""
-        records = {}
+    def lines(path: Path) -> tuple[list[bytes], bytes]:
+        """The file's complete lines and the unterminated rest that a kill left (b"" if none)."""
+        data = path.read_bytes()
+        *lines, tail = data.split(b"\n")
+        return lines, tail
+
+    @staticmethod
+    def parse(raw: bytes, episodes: int) -> tuple[Optional[dict], Optional[str]]:
+        """One line as (record, None), or (None, what is wrong with it)."""
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None, "bytes that are not UTF-8 text"
+        except json.JSONDecodeError as err:
+            return None, f"not JSON ({err.msg})"
+        problem = record_problem(record, episodes)
+        return (None, problem) if problem else (record, None)
+
+    @staticmethod
+    def read_all(paths: Iterable[Path], episodes: int) -> tuple[dict[int, dict], list[str]]:
+        """Records by episode index, and a note for every cut last line (left out: its episode
+        runs again). Raises DataError on a line that is not an episode record of a run of
+        ``episodes`` episodes, or an episode recorded twice."""
+        records, seen, notes = {}, {}, []
         for path in paths:
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
+            lines, tail = RecordFile.lines(path)
+            for number, raw in enumerate(lines + ([tail] if tail else []), start=1):
+                record, problem = RecordFile.parse(raw, episodes)
+                if problem and number > len(lines):
+                    notes.append(f"{path}, line {number}: the last record was cut short by a kill; it is removed "
+                                 "and its episode runs again")
                     continue
-                records[record["episode"]] = record
-        return records
+                if problem:
+                    raise DataError(f"{path}, line {number}: {problem}. The records file is damaged: delete it (its "
+                                    "episodes run again) or pass --restart to start the run afresh")
+                index = record["episode"]
+                if index in records:
+                    raise DataError(f"{path}, line {number}: episode {index} is recorded a second time (first at "
+                                    f"{seen[index]}): two runs wrote into this folder at once; pass --restart to "
+                                    "start the run afresh")
+                records[index], seen[index] = record, f"{path.name}, line {number}"
+        return records, notes
+
+    @staticmethod
+    def repair(path: Path, episodes: int) -> None:
+        """End the file with its last whole record: a cut last line goes (``read_all`` has
+        reported it), a whole record that lost only its newline gets it back."""
+        _, tail = RecordFile.lines(path)
+        if not tail:
+            return
+        if RecordFile.parse(tail, episodes)[0] is not None:
+            with open(path, "ab") as f:
+                f.write(b"\n")
+        else:
+            with open(path, "rb+") as f:
+                f.truncate(path.stat().st_size - len(tail))
 
 
 class RunningMiou:

@@ -76,8 +76,15 @@ def assert_state_equal(model: nn.Module, expected: dict, prefixes: tuple[str, ..
 
 
 # ---- released key layouts -----------------------------------------------------------------
-@pytest.mark.parametrize("manifest", MANIFEST_FILES or [pytest.param(None, marks=pytest.mark.skip(
-    reason=f"no manifests at {MANIFESTS} (the shared/ folder beside the repository)"))],
+def manifest_param(path: Path):
+    """A manifest as a test case; HSNet's are expected to fail (strictly) while no model file here builds it."""
+    if path.stem.startswith("hsnet_"):
+        return pytest.param(path, marks=pytest.mark.xfail(strict=True, reason="no HSNet model is built here"))
+    return path
+
+
+@pytest.mark.parametrize("manifest", [manifest_param(p) for p in MANIFEST_FILES] or [pytest.param(
+    None, marks=pytest.mark.skip(reason=f"no manifests at {MANIFESTS} (the shared/ folder beside the repository)"))],
     ids=lambda p: p.stem if p else "none")
 def test_models_match_released_manifests(manifest):
     expected = json.loads(manifest.read_text())

@@ -127,7 +127,7 @@ def test_pseudo_mode_never_gives_the_engine_the_query_label(setup, full_run, mon
     assert one["seeds"][510]["eftnet"]["miou"] == pytest.approx(fixed["miou"], abs=1e-12)
 
 
-def test_resume_gives_the_same_numbers(setup, full_run):
+def test_resume_gives_the_same_numbers(setup, full_run, caplog):
     root, path = setup
     results, out = full_run
     resumed = root / "resumed"
@@ -140,7 +140,9 @@ def test_resume_gives_the_same_numbers(setup, full_run):
     again = run(path, resumed)
     assert seed_numbers(again) == pytest.approx(seed_numbers(results), abs=1e-12)
     records = (resumed / "records_seed510_rank0.jsonl").read_text().splitlines()
-    assert len(records) == 6  # 3 kept + the torn one + only the 2 missing episodes re-run
+    assert len(records) == 5  # 3 kept + only the 2 missing episodes re-run; the torn line removed
+    assert [json.loads(r)["episode"] for r in records] == [0, 1, 2, 3, 4]
+    assert "records_seed510_rank0.jsonl, line 4: the last record was cut short by a kill" in caplog.text
 
 
 def test_changed_config_is_not_resumed(setup, full_run, capsys):

@@ -4,12 +4,16 @@ Library code raises exceptions whose message names the thing that is wrong and w
 (DESIGN.md, section 7); only the entry scripts (meta_test.py, train.py, dataset/demo.py,
 evaluation/report.py, dataset/get_mulway_base_data.py) end the process, through ``user_errors``: one
 line on stderr and a non-zero exit, the traceback only with ``--debug``. Exceptions that are
-not a user's mistake (a bug) keep their traceback.
+not a user's mistake (a bug) keep their traceback. Ctrl-C (SIGINT) and SIGTERM end an entry
+script with one line too, saying what is kept, and the shell's exit code for the signal (130, 143).
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,6 +49,16 @@ class DataError(ProjectError, ValueError):
 
 class OutputError(ProjectError):
     """The output folder holds something the new run would contradict or destroy."""
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM ended the work; ``kept`` says what survives it. A BaseException,
+    as KeyboardInterrupt is, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int, kept: str = ""):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.kept = signum, kept
+        self.exit_code = 128 + signum  # what a shell reports for a process its signal ended
 
 
 # OSError covers the file-system side of the user's inputs (missing files, permissions, a
@@ -88,14 +102,50 @@ def exit_code(err: BaseException) -> int:
 
 
 @contextmanager
-def user_errors(prog: str, debug: bool = False) -> Iterator[None]:
-    """Run an entry script's body: a user error ends the process with one message on stderr
-    and its exit code (2 for usage/config, 1 otherwise); ``debug`` re-raises it instead."""
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted in this process while the block runs (DataLoader
+    workers forked from it keep Python's own reaction: they end, and the main process reports)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def interrupt(signum: int, frame) -> None:
+        if os.getpid() != owner:
+            raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def kept_on_interrupt(kept: str) -> Iterator[None]:
+    """Within the block, an interruption says ``kept``: what survives it and how to go on."""
+    try:
+        yield
+    except Interrupted as err:
+        raise Interrupted(err.signum, kept) from None
+
+
+@contextmanager
+def user_errors(prog: str, debug: bool = False) -> Iterator[None]:
+    """Run an entry script's body: a user error ends the process with one message on stderr
+    and its exit code (2 for usage/config, 1 otherwise); ``debug`` re-raises it instead.
+    SIGINT and SIGTERM end it with one line (and what is kept) and exit 130 / 143."""
+    try:
+        with _signals_interrupt():
+            yield
     except USER_ERRORS as err:
         if debug:
             raise
         print(f"{prog}: error: {describe(err)}", file=sys.stderr)
         raise SystemExit(exit_code(err)) from None
+    except Interrupted as err:
+        print(f"{prog}: interrupted by {err}" + (f": {err.kept}" if err.kept else ""), file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
