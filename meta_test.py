@@ -7,11 +7,13 @@ Per seed: the episode list, then per episode the zero round (plain base model) a
 EFTNet rounds; one JSON record per finished episode (a killed run resumes from them),
 metrics for both, a results JSON, TensorBoard curves and a table.
 
-Every input is checked before anything is written to the output folder (config, checkpoint,
-data, the episode lists of all seeds, earlier records there); a user's mistake ends the run
-with one message and a non-zero exit (2 for config and usage), the traceback only with
-``--debug``. Inputs that the reference accepts but that change what the numbers mean give a
-WARNING that is printed and stored in ``results.json`` (``warnings``).
+A run holds its output folder (``run.lock``, util/lock.py): a second run on it refuses. Every
+input is checked before anything else is written there (config, checkpoint, data, the episode
+lists of all seeds, earlier records there); a user's mistake ends the run with one message and
+a non-zero exit (2 for config and usage), the traceback only with ``--debug``; Ctrl-C and
+SIGTERM end it with one line (exit 130 / 143), and the same command resumes. Inputs that the
+reference accepts but that change what the numbers mean give a WARNING that is printed and
+stored in ``results.json`` (``warnings``).
 """
 from __future__ import annotations
 
@@ -214,10 +216,11 @@ class Evaluator:
     def __init__(self, cfg, ctx: distributed.Context):
         self.cfg, self.ctx = cfg, ctx
         self.model = build_model(cfg).to(ctx.device).eval()
-        info = load_configured(self.model, cfg)
+        novel = novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)
+        info = load_configured(self.model, cfg, novel)
         log.info("loaded %s (%s)", checkpoint_path(cfg), info)
         self.engine = EFTNet(self.model, cfg) if cfg.loop_ft else None
-        self.num_novel = len(novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco))
+        self.num_novel = len(novel)
         self.num_base = len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco))
         self.writer = None
 
@@ -382,11 +385,11 @@ def evaluate(args: argparse.Namespace, cfg, ctx: distributed.Context, out: Path,
     log.info("config %s\n%s", args.config, config_summary(cfg))
     for warning in warnings:
         log.warning(warning)
+    evaluator = Evaluator(cfg, ctx)
     if cfg.data_set == "demo":  # the built-in benchmark is generated on first use
         if ctx.main:
             ensure_demo_present(repo_path(cfg.data_root))
         ctx.barrier()
-    evaluator = Evaluator(cfg, ctx)
     seeds = evaluation_seeds(cfg.manual_seed, cfg.num_seeds)
     plans = {seed: seed_episodes(cfg, out, seed, args.restart) for seed in seeds}
     if not args.restart:

@@ -38,9 +38,10 @@ for split in $splits; do
   out=$root/$tag/split$split
   mkdir -p "$out"
   echo "== $config -> $out"
-  # -a: a failed run must not cost the log of an earlier one
-  "$python" meta_test.py --config "$config" --arch "$arch" --exp-dir "$out" --opts shot "$shot" "${opts[@]}" 2>&1 \
-    | tee -a "$out/meta_test.log"
+  # Both streams are kept in the log (-a: a failed run must not cost the log of an earlier one),
+  # and each stays on its own stream here, so errors reach stderr.
+  "$python" meta_test.py --config "$config" --arch "$arch" --exp-dir "$out" --opts shot "$shot" "${opts[@]}" \
+    > >(tee -a "$out/meta_test.log") 2> >(tee -a "$out/meta_test.log" >&2)
   results+=("$out/results.json")
 done
 echo

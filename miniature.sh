@@ -7,6 +7,10 @@
 #   bash miniature.sh                       # writes exp/miniature/default/demo/... and prints the table
 #   OPTS="test_num 200" bash miniature.sh   # more episodes per fold
 set -euo pipefail
+if [ $# -gt 0 ]; then
+  echo "miniature.sh: takes no arguments (got: $*); it runs the demo's four settings: set OPTS, EXP or PYTHON instead" >&2
+  exit 2
+fi
 cd "$(dirname "$0")"
 # One output root per OPTS, so that runs of different sizes never mix in one table.
 export EXP=${EXP:-exp/miniature/$(echo "${OPTS:-default}" | tr -c 'A-Za-z0-9_.\n-' '_')}

@@ -60,7 +60,7 @@ from model.bam import BAM
 from model.base import FROZEN_MODULES
 from model.contract import IGNORE
 from util.checkpoint import (base_weight_path, checkpoint_path, imagenet_weights_file, load_imagenet_backbone,
-                              load_pspnet, save_base, save_checkpoint)
+                              load_pspnet, save_base, save_checkpoint, trained_for)
 from util.config import (MIN_VAL_SIZE, backbone_name, config_summary, config_warnings,
                          load_config)
 from util.distributed import choose_device
@@ -286,6 +286,20 @@ def check_shared(cfgs: list, then: list[list[str]]) -> None:
                                  "base learner: train this one with a command of its own")
 
 
+def check_distinct_targets(cfgs: list, then: list[list[str]]) -> None:
+    """Each checkpoint of one command goes to a file of its own (UsageError): a --then that
+    writes the file of an earlier checkpoint would replace it, --overwrite or not."""
+    names = ["the config's checkpoint"] + [f"--then {' '.join(opts)}" for opts in then]
+    written: dict[Path, str] = {}
+    for cfg, name in zip(cfgs, names):
+        path = checkpoint_path(cfg)
+        if path in written:
+            raise UsageError(f"{name} would write {path}, as {written[path]} does, and replace it: give it a file of "
+                             f"its own (add `weight NAME` to the --then, or set the config's weight_5shot / weight_bam "
+                             "/ weight_bam_5shot)")
+        written[path] = name
+
+
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and torch's global generators."""
     random.seed(seed)
@@ -316,11 +330,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     features: stage 1 only without a base file to reuse; per checkpoint stage 2, save, validate.
     Returns, per checkpoint, its loss histories, path, scores and phase times. Each checkpoint
     is the one its own command (without --then) trains."""
-    cfgs = [load_config(args.config, args.opts + opts) for opts in [[], *args.then]]
+    cfgs = [load_config(args.config, args.opts)] + [
+        load_config(args.config, args.opts + opts, source=f"--then {' '.join(opts)}") for opts in args.then]
     for cfg in cfgs:
         check_training_keys(cfg)
         check_checkpoint_target(checkpoint_path(cfg), args.overwrite)
     check_shared(cfgs, args.then)
+    check_distinct_targets(cfgs, args.then)
     cfg, base = cfgs[0], base_weight_path(cfgs[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     log.info("config %s\n%s", args.config, config_summary(cfg))
@@ -333,9 +349,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     reuse_base = base is not None and base.is_file()
     base_list = None if reuse_base else base_learner_list(cfg)
     lut = torch.from_numpy(base_label_lut(cfg.data_set, cfg.split, cfg.use_split_coco)).long()
+    novel = novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)
     model = build_model(cfg)
     if reuse_base:  # the fold's base learner, shared by its checkpoints: stage 1 is done
-        load_pspnet(model, base)
+        load_pspnet(model, base, trained_for(cfg, novel, with_model=False))
         log.info("stage 1: reusing the base file %s (delete it to train the base learner again)", base)
     else:
         init_backbone(model, cfg)
@@ -347,7 +364,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                                            device)
     round_as_saved(model)
     if base is not None and not reuse_base:
-        save_base(model, base, cfg.base_learner_epochs)
+        save_base(model, base, cfg.base_learner_epochs, trained_for(cfg, novel, with_model=False))
         log.info("saved the base file %s", base)
     laps("stage1")
     store = FeatureStore(model, image_loader(data_list, cfg), device)
@@ -375,7 +392,8 @@ def meta_train(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler
     seed_everything(cfg.manual_seed)  # the same dropout masks whether or not stage 1 ran before
     meta_history = train_meta_learner(model, store, sampler, lut, cfg, writer, device)
     laps("stage2")
-    save_checkpoint(model, path, cfg.epochs, without_base=base is not None)
+    novel = novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)
+    save_checkpoint(model, path, cfg.epochs, trained_for(cfg, novel), without_base=base is not None)
     log.info("saved %s", path)
     val = validate(model, cfg, device, writer) if cfg.val_episodes else None
     if val is not None:

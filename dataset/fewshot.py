@@ -122,7 +122,7 @@ def _check_loaded(episodes: list[Episode], path: Path, shot: int, novel: list[in
                   root: Path) -> None:
     """An episode list read from a file must be the run the config describes, episode by
     episode: as many episodes as ``test_num``, ``shot`` supports, a novel class that is in the
-    query's label, no support that is the query image."""
+    labels of the query and of every support, no support that is the query image."""
     if len(episodes) != test_num:
         raise DataError(f"episode file {path} holds {len(episodes)} episodes but the config asks for "
                         f"test_num={test_num}: set test_num {len(episodes)} or use another file")
@@ -136,15 +136,15 @@ def _check_loaded(episodes: list[Episode], path: Path, shot: int, novel: list[in
                             f"novel class of this fold {novel}")
         if any(os.path.normpath(s[0]) == os.path.normpath(e.query[0]) for s in e.supports):
             raise DataError(f"episode file {path}: episode {i} uses its query image {e.query[0]} as a support")
-        label = e.query[1]
-        if label not in classes_of:
-            label_path = os.path.join(root, label)
-            if not os.path.isfile(label_path):
-                raise FileNotFoundError(f"episode file {path}: episode {i}: {label_path} does not exist")
-            classes_of[label] = set(np.unique(read_label(label_path)).tolist())
-        if e.class_id not in classes_of[label]:
-            raise DataError(f"episode file {path}: episode {i} segments class {e.class_id}, which is absent "
-                            f"from its query label {label}")
+        for role, (_, label) in [("query", e.query)] + [(f"support {k}", s) for k, s in enumerate(e.supports)]:
+            if label not in classes_of:
+                label_path = os.path.join(root, label)
+                if not os.path.isfile(label_path):
+                    raise FileNotFoundError(f"episode file {path}: episode {i}: {label_path} does not exist")
+                classes_of[label] = set(np.unique(read_label(label_path)).tolist())
+            if e.class_id not in classes_of[label]:
+                raise DataError(f"episode file {path}: episode {i} segments class {e.class_id}, which is absent "
+                                f"from its {role} label {label}")
 
 
 def episode_file_path(cfg, seed: int) -> Path | None:

@@ -18,6 +18,13 @@ from evaluation.tables import method_values, side_by_side
 from util.errors import DataError, user_errors
 
 REQUIRED = ("split", "zero")  # keys every results.json of meta_test.py holds
+# What a results.json says of its setting; a summary's folds must agree on each.
+SETTING = ("data_set", "arch", "backbone", "shot", "loop_ft", "s2q_query_mask")
+# Config keys that differ between the folds of one setting (the fold, its files) or that do not
+# change the numbers (outputs, loader processes, device); every other key must agree.
+PER_FOLD_KEYS = frozenset({"split", "weight", "weight_5shot", "weight_bam", "weight_bam_5shot", "base_weight",
+                           "weight_path", "val_list", "train_list", "episode_file", "show", "show_ft", "exp_root",
+                           "tb_images", "workers", "device"})
 
 
 def fold_table(results: list[dict]) -> str:
@@ -78,7 +85,7 @@ def ablation_table(variants: dict[str, list[str | Path]]) -> str:
     variant, plus "no discrimination" (the reference variant's last round, same run)."""
     rows, head = [], None
     for variant, paths in variants.items():
-        results = [read_results(p) for p in paths]
+        results = read_runs(paths)
         counts = [read_counts(p) for p in paths]
         if not all("rules" in r for r in results):
             raise DataError(f"ablation variant {variant}: its results.json files lack the selection rules "
@@ -147,7 +154,7 @@ def miniature_runs(root: str | Path) -> dict[tuple[str, str, int], list[Path]]:
 def _setting_cells(paths: list[Path]) -> tuple[str, str]:
     """A setting's base-model cell and EFTNet cell: class mIoU mean over folds, EFTNet's gain in
     parentheses with its paired interval over folds."""
-    results, counts = [read_results(p) for p in paths], [read_counts(p) for p in paths]
+    results, counts = read_runs(paths), [read_counts(p) for p in paths]
     zero = sum(100 * r["zero"]["miou_mean"] for r in results) / len(results)
     if not all("eftnet" in r for r in results):
         return f"{zero:.2f}", "-"
@@ -192,13 +199,39 @@ def read_counts(results_path: str | Path) -> Optional[dict]:
 
 def summary(paths: list[str | Path]) -> str:
     """The fold table, the selection rules over folds and, for PASCAL/COCO, the papers' numbers."""
-    results = [read_results(p) for p in paths]
+    results = read_runs(paths)
     counts = [read_counts(p) for p in paths]
     parts = [fold_table(results)]
     for extra in (rules_table(results, counts), published_table(results, counts)):
         if extra:
             parts.append(extra)
     return "\n\n".join(parts)
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    """How the settings of two runs differ, in words (empty when they are folds of one setting)."""
+    keys = [(k, a.get(k), b.get(k)) for k in SETTING]
+    if "settings" in a and "settings" in b:
+        keys += [(k, a["settings"].get(k), b["settings"].get(k))
+                 for k in sorted(set(a["settings"]) | set(b["settings"])) if k not in PER_FOLD_KEYS and k not in SETTING]
+    return [f"{key} {x!r} vs {y!r}" for key, x, y in keys if x != y]
+
+
+def read_runs(paths: list[str | Path]) -> list[dict]:
+    """The results.json of each fold of one setting (DataError naming two runs that are the same
+    fold, or of settings that differ, and what differs): averaging them would mix settings."""
+    results = [read_results(p) for p in paths]
+    for i, (path, r) in enumerate(zip(paths, results)):
+        for other_path, other in zip(paths[:i], results[:i]):
+            differ = _differences(other, r)
+            if differ:
+                shown = "; ".join(differ[:5]) + ("; ..." if len(differ) > 5 else "")
+                raise DataError(f"{other_path} and {path} are runs of different settings ({shown}): a summary "
+                                "averages the folds of one setting; give one run per fold of one setting")
+            if other["split"] == r["split"]:
+                raise DataError(f"{other_path} and {path} are both fold {r['split']} of one setting: a summary "
+                                "averages distinct folds; give one run per fold")
+    return results
 
 
 def read_results(path: str | Path) -> dict:

@@ -20,7 +20,8 @@ from model import BAM, MSANet
 from model.backbones import BACKBONES
 from model.pspnet import PSPNet
 from util.checkpoint import (CheckpointError, CheckpointMismatch, checkpoint_path, load_configured,
-                             load_imagenet_backbone, load_pspnet, load_weights, save_base, save_checkpoint)
+                             load_imagenet_backbone, load_pspnet, load_weights, save_base, save_checkpoint,
+                             trained_for)
 from util.config import load_config
 from util.paths import REPO_ROOT
 
@@ -332,26 +333,28 @@ def test_checkpoint_path_from_config(tmp_path):
 @pytest.mark.parametrize("arch, shot", [(MSANet, 1), (BAM, 5)])
 def test_base_file_and_meta_only_checkpoint_restore_the_model(tmp_path, arch, shot):
     trained = small_model(arch, shot, seed=7)
-    save_base(trained, tmp_path / "base.pth", 20)
-    save_checkpoint(trained, tmp_path / "meta.pth", 4, without_base=True)
+    cfg = SimpleNamespace(weight_path=str(tmp_path / "meta.pth"), base_weight="base.pth", weights_root=str(tmp_path),
+                          data_set="demo", split=0, backbone="mobilenetv2", vgg=False, layers=50,
+                          arch=arch.__name__, shot=shot)
+    novel = [1, 2, 3, 4, 5]
+    save_base(trained, tmp_path / "base.pth", 20, trained_for(cfg, novel, with_model=False))
+    save_checkpoint(trained, tmp_path / "meta.pth", 4, trained_for(cfg, novel), without_base=True)
     base = torch.load(tmp_path / "base.pth", weights_only=True)["state_dict"]
     meta = torch.load(tmp_path / "meta.pth", weights_only=True)["state_dict"]
     # The base file is PSPNet's layout (what load_pspnet reads); the checkpoint holds the rest.
     assert {k.split(".")[0] for k in base} == {"layer0", "layer1", "layer2", "layer3", "layer4", "ppm", "cls"}
     assert not any(k.startswith(("layer", "learner_base.")) for k in meta) and "down_query.0.weight" in meta
     assert all(v.dtype == torch.float16 for v in (*base.values(), *meta.values()) if v.is_floating_point())
-    cfg = SimpleNamespace(weight_path=str(tmp_path / "meta.pth"), base_weight="base.pth", weights_root=str(tmp_path),
-                          data_set="demo", split=0, backbone="mobilenetv2", vgg=False, layers=50)
     (tmp_path / "demo/split0/mobilenetv2").mkdir(parents=True)
     (tmp_path / "base.pth").rename(tmp_path / "demo/split0/mobilenetv2/base.pth")
     restored = small_model(arch, shot, seed=8)
-    info = load_configured(restored, cfg)
+    info = load_configured(restored, cfg, novel)
     assert info["epoch"] == 4
     half = {k: v.half().float() if v.is_floating_point() else v for k, v in trained.state_dict().items()}
     assert_state_equal(restored, half)
     # A checkpoint that holds everything does not fit a config with a base file, and the reverse.
-    save_checkpoint(trained, tmp_path / "full.pth", 4)
+    save_checkpoint(trained, tmp_path / "full.pth", 4, trained_for(cfg, novel))
     with pytest.raises(CheckpointMismatch, match=r"unexpected \(\d+\): layer0"):
-        load_configured(restored, SimpleNamespace(**{**vars(cfg), "weight_path": str(tmp_path / "full.pth")}))
+        load_configured(restored, SimpleNamespace(**{**vars(cfg), "weight_path": str(tmp_path / "full.pth")}), novel)
     with pytest.raises(CheckpointMismatch, match=r"missing \(\d+\): layer0"):
         load_weights(restored, tmp_path / "meta.pth")

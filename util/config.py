@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # The smallest canvas: 5x5 feature maps at output stride 8, and images up to 4:1 keep a short
 # side of at least 8 pixels after the resize (below that the geometry has no pixels left).
 MIN_VAL_SIZE = 33
+MAX_TEST_NUM = 100_000  # episodes per seed: 100 times the published protocols' 1,000
 LEARNING_RATES = ("base_lr", "ft_base_lr", "base_learner_lr", "base_learner_layer4_lr")
 NON_NEGATIVE = ("workers", "manual_seed", "weight_decay", "momentum", "power", "ft_power",
                 "sr_aux_weight1", "aux_weight1", "support_cache_mb")
@@ -165,6 +167,9 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     if not isinstance(value, expected) or (is_bool and expected is not bool):
         raise ConfigError(f"{where}: key '{key}' has value {value!r} of type "
                           f"{type(value).__name__}, expected {expected.__name__}")
+    numbers = value if isinstance(value, list) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+        raise ConfigError(f"{where}: key '{key}' has value {value!r}: expected finite numbers (no nan or inf)")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}: key '{key}' must be one of {CHOICES[key]}, got {value!r}")
     return value
@@ -184,12 +189,28 @@ def _checked(key: Any, value: Any, where: str) -> Any:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last
+    value without a word, so the earlier line would be silently ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}, line {line}: key '{key}' is given twice in one "
+                                  f"section (also on line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_sections(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigFileNotFound(f"config file not found: {path}")
     try:
         with path.open() as f:
-            doc = yaml.safe_load(f)
+            doc = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
@@ -217,13 +238,13 @@ def _read_sections(path: Path) -> dict[str, Any]:
     return values
 
 
-def _parse_opts(opts: list) -> dict[str, Any]:
+def _parse_opts(opts: list, source: str) -> dict[str, Any]:
     if len(opts) % 2:
-        raise ConfigError(f"--opts needs 'key value' pairs, got an odd number of items: {opts}")
+        raise ConfigError(f"{source} needs 'key value' pairs, got an odd number of items: {opts}")
     overrides: dict[str, Any] = {}
     for key, raw in zip(opts[::2], opts[1::2]):
         if key not in SCHEMA and key not in NOT_READ:
-            raise _unknown_key(key, "--opts")
+            raise _unknown_key(key, source)
         value = raw
         if isinstance(raw, str):
             try:
@@ -232,7 +253,7 @@ def _parse_opts(opts: list) -> dict[str, Any]:
                 value = raw
             if isinstance(SCHEMA.get(key), str) and value is not None and not isinstance(value, str):
                 value = raw  # a file name such as '2024' stays text
-        overrides[key] = _checked(key, value, "--opts")
+        overrides[key] = _checked(key, value, source)
     return overrides
 
 
@@ -253,6 +274,13 @@ def _validate(cfg: CfgNode, where: str) -> None:
         (_DEVICE.fullmatch(cfg.device) is not None,
          f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.test_num >= 1, f"test_num must be >= 1, got {cfg.test_num}"),
+        (cfg.test_num <= MAX_TEST_NUM,
+         f"test_num must be <= {MAX_TEST_NUM} (the published protocols use 1,000 episodes per seed; the whole "
+         f"episode list is drawn, checked and saved before the first episode runs), got {cfg.test_num}"),
+        (not cfg.episode_file or "{seed}" in cfg.episode_file or cfg.num_seeds == 1,
+         f"episode_file {cfg.episode_file!r} has no {{seed}} in its name but num_seeds is {cfg.num_seeds}: every "
+         "seed would run the same episodes and be averaged as if independent; name one file per seed with "
+         "{seed} (e.g. episodes_seed{seed}.json) or set num_seeds 1"),
         (cfg.num_seeds >= 1, f"num_seeds must be >= 1, got {cfg.num_seeds}"),
         (cfg.tb_images >= 0, f"tb_images must be >= 0, got {cfg.tb_images}"),
         (cfg.bootstrap_draws >= 1000, f"bootstrap_draws must be >= 1000 (a 95% interval), got {cfg.bootstrap_draws}"),
@@ -268,25 +296,26 @@ def _validate(cfg: CfgNode, where: str) -> None:
     cfg.change_weighting = [float(w) for w in cw]
 
 
-def load_config(path: str | Path, opts: list[str] | None = None) -> CfgNode:
+def load_config(path: str | Path, opts: list[str] | None = None, source: str = "--opts") -> CfgNode:
     """Read a sectioned YAML config, apply ``--opts`` overrides and check every value.
 
     `opts` is a flat list ``[key, value, key, value, ...]``; each value is parsed with
     ``yaml.safe_load`` ('5' -> 5, 'True' -> True, '[0.8,0.2]' -> list). Unknown keys, values of
-    the wrong type, a key in two sections and invalid values raise ConfigError (a ValueError);
-    a missing file raises FileNotFoundError. See the module docstring for the 5-shot rule.
+    the wrong type or not finite, a key given twice, and invalid values raise ConfigError (a
+    ValueError) naming the file or ``source`` (where the overrides came from); a missing file
+    raises FileNotFoundError. See the module docstring for the 5-shot rule.
     """
     path = Path(path)
     cfg = CfgNode(copy.deepcopy(SCHEMA))
     given = _read_sections(path)
-    overrides = _parse_opts(list(opts or []))
+    overrides = _parse_opts(list(opts or []), source)
     ignored = sorted({key for key in (*given, *overrides) if key in NOT_READ})
     cfg.update({k: v for k, v in given.items() if k in SCHEMA})
     cfg.update({k: v for k, v in overrides.items() if k in SCHEMA})
     object.__setattr__(cfg, "ignored_keys", ignored)  # beside the keys: not part of the configuration
     if "weight" not in overrides:
         cfg.weight = configured_weight(cfg)
-    _validate(cfg, f"config {path}" + (" with --opts" if overrides else ""))
+    _validate(cfg, f"config {path}" + (f" with {source}" if overrides else ""))
     return cfg
 
 

@@ -69,7 +69,9 @@ class FolderLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._acquire()
-        except PermissionError as err:
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             self._remove_folder()
             raise OutputError(f"cannot write in the output folder {self.folder} ({err.strerror}): make it writable, "
                               "or write elsewhere with --exp-dir (or exp_root)") from None
