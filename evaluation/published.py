@@ -11,9 +11,10 @@ section 3.4 for the checkpoint file names):
   (``resnet50_0_0.6925.pth``); that is what the zero round with those files should roughly
   reproduce, and it is not always the paper's table (COCO ResNet-50: the file names average
   49.00, the paper says 48.03).
-- EFTNet's own per-setting numbers are not in the stored sources (the article is paywalled and
-  the code's README has no table; the design notes only quote gains of +0.7 to +4.6 mIoU), so
-  no EFTNet row has numbers: the table shows them as missing, never as zero.
+- EFTNet: the means over the four folds in EFTNet's README, per base model, backbone and shot;
+  the README gives no per-fold values. The reference's round selection reads the query's
+  ground truth, so these numbers correspond to ``s2q_query_mask: ground_truth``, not to the
+  label-free default.
 """
 from __future__ import annotations
 
@@ -86,13 +87,43 @@ PUBLISHED: dict[tuple[str, str, str, int], list[Published]] = {
     ("coco", "BAM", "resnet50", 5): [_row("BAM", "paper", (49.26, 54.20, 51.63, 49.55), 51.16, _RECALLED)],
 }
 
-EFTNET_NOTE = ("EFTNet's own per-setting numbers are not available to this project (paywalled article, "
-               "no table in its code's README): shown as missing")
+_EFTNET = "EFTNet README mean over the four folds (no per-fold values published)"
+
+# (data_set, base model, backbone, shot) -> EFTNet's row: on PASCAL it runs on MSANet; on COCO on
+# MSANet for the ResNets and on BAM for VGG16.
+EFTNET_PUBLISHED: dict[tuple[str, str, str, int], Published] = {
+    key: _row("EFTNet", "paper", None, mean, _EFTNET) for key, mean in {
+        ("pascal", "MSANet", "vgg", 1): 66.86, ("pascal", "MSANet", "vgg", 5): 71.07,
+        ("pascal", "MSANet", "resnet50", 1): 70.01, ("pascal", "MSANet", "resnet50", 5): 73.64,
+        ("pascal", "MSANet", "resnet101", 1): 70.64, ("pascal", "MSANet", "resnet101", 5): 74.88,
+        ("coco", "BAM", "vgg", 1): 48.13, ("coco", "BAM", "vgg", 5): 53.28,
+        ("coco", "MSANet", "resnet50", 1): 50.67, ("coco", "MSANet", "resnet50", 5): 56.21,
+        ("coco", "MSANet", "resnet101", 1): 54.09, ("coco", "MSANet", "resnet101", 5): 59.13,
+    }.items()}
+
+# The reference selects EFTNet's round with the query's labels; a label-free run is not its match.
+QUERY_LABELS_NOTE = "* EFTNet, paper: the reference's round selection reads the query's labels"
 
 
 def published(data_set: str, arch: str, backbone: str, shot: int) -> list[Published]:
     """The published base-model rows of a setting; [] for settings without any (e.g. the demo)."""
     return list(PUBLISHED.get((data_set, arch, backbone, int(shot)), []))
+
+
+def eftnet_published(data_set: str, arch: str, backbone: str, shot: int) -> Optional[Published]:
+    """EFTNet's published row on base model ``arch`` (mean over folds only); None where the
+    README has none (e.g. PASCAL on BAM)."""
+    return EFTNET_PUBLISHED.get((data_set, arch, backbone, int(shot)))
+
+
+def _query_labels_note(query_mask: Optional[str]) -> str:
+    """Whether the run compared with EFTNet's paper row selected its rounds as the reference does."""
+    if query_mask == "ground_truth":
+        return f"{QUERY_LABELS_NOTE}, as this run does (s2q_query_mask: ground_truth): the comparable run"
+    if query_mask == "pseudo":
+        return (f"{QUERY_LABELS_NOTE}; this run is label-free (s2q_query_mask: pseudo), not comparable: "
+                "the comparable run is s2q_query_mask: ground_truth")
+    return f"{QUERY_LABELS_NOTE}; the comparable run is s2q_query_mask: ground_truth"
 
 
 def _cell(value: Optional[float], signed: bool = False) -> str:
@@ -109,36 +140,54 @@ def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
 def comparison_table(data_set: str, arch: str, backbone: str, shot: int,
                      ours: Mapping[int, Mapping[str, float]],
                      fold_intervals: Optional[Mapping[int, Sequence[float]]] = None,
-                     mean_interval: Optional[Sequence[float]] = None) -> str:
-    """Ours beside the published class mIoU of a setting, in percent.
+                     mean_interval: Optional[Sequence[float]] = None,
+                     query_mask: Optional[str] = None) -> str:
+    """Ours beside the published class mIoU of a setting, in percent: the base model's paper
+    (and checkpoint-name) rows, EFTNet's paper row where its README has one, and ours.
 
     The mean interval is the paired bootstrap over folds (``evaluation.bootstrap.pooled_over_folds``),
     not a mean of the fold intervals.
 
     ``ours[fold]`` holds ``zero`` and, if EFTNet ran, ``eftnet`` (fractions, as results.json);
     ``fold_intervals[fold]`` and ``mean_interval`` are our paired intervals of the gain
-    EFTNet - zero (fractions). Folds not run show as missing; our mean, and every difference
-    with a published mean, are shown only when all four folds ran.
+    EFTNet - zero (fractions); ``query_mask`` is the run's ``s2q_query_mask`` (None if unknown),
+    which says whether our EFTNet row selected its rounds as EFTNet's paper row did. Folds not
+    run show as missing; our mean, and every difference with a published mean, are shown only
+    when all four folds ran.
     """
     def ours_row(key: str) -> list[Optional[float]]:
         return [100 * ours[f][key] if f in ours and key in ours[f] else None for f in FOLDS]
 
+    def versus(mine: list[Optional[float]], that: Published,
+               mean: Optional[float]) -> tuple[str, list[Optional[float]], Optional[float], bool]:
+        diff = [None if a is None or b is None else a - b for a, b in zip(mine, that.folds)]
+        mine_mean = _mean(mine)
+        return "  ours - that", diff, None if mine_mean is None or mean is None else mine_mean - mean, True
+
     rows: list[tuple[str, list[Optional[float]], Optional[float], bool]] = []
     zero = ours_row("zero")
     rows.append((f"ours: {arch} (zero round)", zero, _mean(zero), False))
+    base_paper = None
     for entry in published(data_set, arch, backbone, shot):
         label = f"{entry.method}, {'paper' if entry.kind == 'paper' else 'checkpoint name'}"
         mean = entry.mean if entry.mean is not None else _mean(entry.folds)
+        if entry.kind == "paper" and base_paper is None:
+            base_paper = mean
         rows.append((label, list(entry.folds), mean, False))
-        diff = [None if a is None or b is None else a - b for a, b in zip(zero, entry.folds)]
-        ours_mean = _mean(zero)
-        rows.append(("  ours - that", diff, None if ours_mean is None or mean is None else ours_mean - mean, True))
+        rows.append(versus(zero, entry, mean))
     with_eftnet = any("eftnet" in v for v in ours.values())
+    eft = ours_row("eftnet")
     if with_eftnet:
-        eft = ours_row("eftnet")
-        gain = [None if a is None or b is None else a - b for a, b in zip(eft, zero)]
         rows.append(("ours: EFTNet", eft, _mean(eft), False))
-        rows.append(("EFTNet, paper", [None] * len(FOLDS), None, False))
+    paper = eftnet_published(data_set, arch, backbone, shot)
+    if paper is not None:
+        rows.append(("EFTNet, paper *", list(paper.folds), paper.mean, False))
+        if with_eftnet:
+            rows.append(versus(eft, paper, paper.mean))
+        if base_paper is not None:
+            rows.append((f"EFTNet, paper - {arch}, paper", [None] * len(FOLDS), paper.mean - base_paper, True))
+    if with_eftnet:
+        gain = [None if a is None or b is None else a - b for a, b in zip(eft, zero)]
         rows.append(("ours: EFTNet - zero", gain, _mean(gain), True))
         if fold_intervals or mean_interval:
             # The interval as two rows under the gain, so every cell stays in its fold's column.
@@ -159,8 +208,8 @@ def comparison_table(data_set: str, arch: str, backbone: str, shot: int,
         lines.append(f"folds not run: {', '.join(map(str, missing))} (shown as {MISSING}; no mean without all four)")
     if not published(data_set, arch, backbone, shot):
         lines.append(f"no published {arch} numbers for {data_set} {backbone} {shot}-shot")
-    if with_eftnet:
-        lines.append(EFTNET_NOTE)
-    for entry in published(data_set, arch, backbone, shot):
+    if paper is not None:
+        lines.append(_query_labels_note(query_mask if with_eftnet else None))
+    for entry in published(data_set, arch, backbone, shot) + ([paper] if paper is not None else []):
         lines.append(f"{entry.method}, {'paper' if entry.kind == 'paper' else 'checkpoint name'}: {entry.source}")
     return "\n".join(lines)

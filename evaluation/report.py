@@ -113,7 +113,9 @@ def ablation_runs(root: str | Path) -> dict[str, list[Path]]:
 
 
 def published_table(results: list[dict], counts: list[Optional[dict]]) -> Optional[str]:
-    """Ours beside the papers' numbers, for PASCAL and COCO runs of one setting."""
+    """Ours beside the papers' numbers (base model and EFTNet), for PASCAL and COCO runs of one
+    setting; the folds agree on ``s2q_query_mask`` (``read_runs``), which the EFTNet paper row is
+    compared under."""
     settings = {(r["data_set"], r["arch"], r["backbone"], r["shot"]) for r in results}
     if len(settings) != 1 or next(iter(settings))[0] not in ("pascal", "coco"):
         return None
@@ -130,7 +132,8 @@ def published_table(results: list[dict], counts: list[Optional[dict]]) -> Option
                                 results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED))
         if both is not None:
             mean_interval = (both["miou"]["low"], both["miou"]["high"])
-    return comparison_table(data_set, arch, backbone, shot, ours, fold_intervals, mean_interval)
+    return comparison_table(data_set, arch, backbone, shot, ours, fold_intervals, mean_interval,
+                            results[0].get("s2q_query_mask"))
 
 
 def miniature_runs(root: str | Path) -> dict[tuple[str, str, int], list[Path]]:

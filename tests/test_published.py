@@ -1,7 +1,7 @@
 """evaluation/published.py: published numbers beside ours; folds not run are missing, not zero."""
 import pytest
 
-from evaluation.published import FOLDS, PUBLISHED, comparison_table, published
+from evaluation.published import EFTNET_PUBLISHED, FOLDS, PUBLISHED, comparison_table, eftnet_published, published
 
 
 def row(table: str, label: str) -> list[str]:
@@ -31,7 +31,8 @@ def test_missing_folds_are_shown_as_missing_not_zero():
     assert row(table, "MSANet, paper") == ["69.25", "74.60", "67.84", "62.40", "68.52"]
     assert row(table, "  ours - that") == ["-0.25", "-", "-0.84", "-", "-"]
     assert row(table, "ours: EFTNet - zero") == ["+1.10", "-", "+2.00", "-", "-"]
-    assert row(table, "EFTNet, paper") == ["-"] * 5
+    assert row(table, "EFTNet, paper *") == ["-", "-", "-", "-", "70.01"]
+    assert row(table, "EFTNet, paper *")[-1] != "0.00"
     assert row(table, "  95% interval, low") == ["+0.10", "-", "-", "-", "-"]
     assert "0.00" not in table
     assert "folds not run: 1, 3" in table
@@ -51,3 +52,53 @@ def test_base_model_only_and_unknown_setting():
     table = comparison_table("demo", "MSANet", "mobilenetv2", 1, {0: {"zero": 0.45}})
     assert "EFTNet" not in table
     assert "no published MSANet numbers for demo" in table
+
+
+def test_eftnet_paper_means_are_the_readme_table():
+    # EFTNet's README: means over folds only, on MSANet except COCO VGG16, which runs on BAM.
+    means = {key: (entry.mean, entry.folds) for key, entry in EFTNET_PUBLISHED.items()}
+    assert means[("pascal", "MSANet", "resnet50", 1)] == (70.01, (None,) * 4)
+    assert means[("pascal", "MSANet", "vgg", 5)][0] == 71.07
+    assert means[("coco", "BAM", "vgg", 1)][0] == 48.13
+    assert means[("coco", "MSANet", "resnet101", 5)][0] == 59.13
+    assert len(means) == 12
+    assert eftnet_published("pascal", "BAM", "resnet50", 1) is None
+    assert eftnet_published("coco", "MSANet", "vgg", 1) is None
+    # Every EFTNet row's base model has a published mean, and the README's gains follow from the two.
+    gains = {("pascal", "MSANet", "vgg", 1): 1.10, ("pascal", "MSANet", "resnet101", 5): 0.89,
+             ("coco", "BAM", "vgg", 1): 4.63, ("coco", "MSANet", "resnet50", 5): 2.54}
+    for key, gain in gains.items():
+        assert EFTNET_PUBLISHED[key].mean - published(*key)[0].mean == pytest.approx(gain, abs=1e-9)
+
+
+def test_eftnet_paper_row_beside_ours_with_its_selection_noted():
+    ours = {f: {"zero": 0.68, "eftnet": 0.71} for f in FOLDS}
+    label_free = comparison_table("pascal", "MSANet", "resnet50", 1, ours, query_mask="pseudo")
+    assert row(label_free, "EFTNet, paper *") == ["-", "-", "-", "-", "70.01"]
+    assert row(label_free, "ours: EFTNet") == ["71.00"] * 5
+    assert row(label_free, "EFTNet, paper - MSANet, paper")[-1] == "+1.49"
+    lines = label_free.splitlines()
+    after_paper = lines[lines.index(next(l for l in lines if l.startswith("EFTNet, paper *"))) + 1]
+    assert after_paper.split("|")[2].split() == ["+0.99"]   # 71.00 - 70.01
+    assert "this run is label-free (s2q_query_mask: pseudo), not comparable" in label_free
+    assert "EFTNet, paper: EFTNet README mean over the four folds" in label_free
+    matched = comparison_table("pascal", "MSANet", "resnet50", 1, ours, query_mask="ground_truth")
+    assert "label-free" not in matched
+    assert "as this run does (s2q_query_mask: ground_truth): the comparable run" in matched
+    assert row(matched, "EFTNet, paper *")[-1] == "70.01"
+
+
+def test_base_only_run_shows_eftnet_paper_row_without_ours():
+    table = comparison_table("coco", "BAM", "vgg", 5, {f: {"zero": 0.47} for f in FOLDS})
+    assert row(table, "EFTNet, paper *")[-1] == "53.28"
+    assert row(table, "EFTNet, paper - BAM, paper")[-1] == "+3.94"
+    assert "ours: EFTNet" not in table and "label-free" not in table
+    assert "the comparable run is s2q_query_mask: ground_truth" in table
+
+
+def test_setting_without_eftnet_paper_number_has_no_eftnet_paper_row():
+    ours = {f: {"zero": 0.68, "eftnet": 0.70} for f in FOLDS}
+    for setting in (("pascal", "BAM", "resnet50", 1), ("coco", "MSANet", "vgg", 5)):
+        table = comparison_table(*setting, ours, query_mask="pseudo")
+        assert "EFTNet, paper" not in table and "*" not in table
+        assert row(table, "ours: EFTNet")[-1] == "70.00"

@@ -9,13 +9,13 @@ from evaluation.analysis import COUNTS_FILE, analyse_pooled, analyse_seed, publi
 
 
 def write_fold(root, split: int, data_set: str = "pascal", counts: bool = True, arch: str = "MSANet",
-               shot: int = 1, backbone: str = "resnet50"):
+               shot: int = 1, backbone: str = "resnet50", query_mask: str = "pseudo"):
     per_seed = {510: analyse_seed(fake_records(split, 30), CLASSES, ROUNDS, draws=1000)}
     pooled = analyse_pooled(per_seed, CLASSES, ROUNDS, draws=1000)
     folder = root / f"split{split}"
     folder.mkdir()
     results = {"split": split, "data_set": data_set, "arch": arch, "backbone": backbone, "shot": shot,
-               "s2q_query_mask": "pseudo", "uses_query_labels": False, "warnings": [],
+               "s2q_query_mask": query_mask, "uses_query_labels": query_mask == "ground_truth", "warnings": [],
                "zero": {"miou_mean": pooled["rules"]["zero"]["miou"], "fbiou_mean": pooled["rules"]["zero"]["fbiou"]},
                "eftnet": {"miou_mean": pooled["rules"]["s2q"]["miou"], "fbiou_mean": pooled["rules"]["s2q"]["fbiou"]},
                "rules": {"per_seed": {"510": public(per_seed[510])}, "pooled": public(pooled)},
@@ -35,6 +35,17 @@ def test_summary_with_all_folds(tmp_path, capsys):
     assert "MSANet, paper" in text and "68.52" in text
     assert "  95% interval, low" in text
     assert "folds not run" not in text
+
+
+def test_summary_prints_eftnet_paper_row_and_whether_the_run_is_comparable(tmp_path):
+    for query_mask in ("pseudo", "ground_truth"):
+        root = tmp_path / query_mask
+        root.mkdir()
+        text = report.summary([str(write_fold(root, split, query_mask=query_mask)) for split in range(4)])
+        paper = [line for line in text.splitlines() if line.startswith("EFTNet, paper *")]
+        assert len(paper) == 1 and paper[0].split("|")[2].split() == ["70.01"]
+        assert ("this run is label-free" in text) == (query_mask == "pseudo")
+        assert ("as this run does (s2q_query_mask: ground_truth)" in text) == (query_mask == "ground_truth")
 
 
 def test_summary_missing_folds_and_counts(tmp_path):
