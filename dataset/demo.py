@@ -23,6 +23,7 @@ import colorsys
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -117,77 +118,142 @@ _SHAPE_AREA = {name: _fill(polys, 400, 400, lambda p: p * 100 + 200).sum() / 1e4
 _REFERENCE_AREA = 2.2
 
 
-_LATTICE_PATTERNS = frozenset({"dots", "zigzag", "dashes", "scales", "crosses"})
+def _lattice(u: np.ndarray, v: np.ndarray, freq: float, ph: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lattice cell coordinates in [-0.5, 0.5): (u, v, u with every other row shifted by half
+    a cell), the frame of the patterns laid out on a lattice."""
+    cell_v = (freq * v) % 1 - 0.5
+    cell_u = (freq * u + ph) % 1 - 0.5
+    staggered_u = (freq * u + 0.5 * (np.floor(freq * v) % 2) + ph) % 1 - 0.5
+    return cell_u, cell_v, staggered_u
+
+
+# A texture: value in [0, 1] at object-frame coordinates (u, v), for a frequency, a random phase
+# and the image's generator (the random families draw from it).
+Texture = Callable[[np.ndarray, np.ndarray, float, float, np.random.Generator], np.ndarray]
+
+
+def _stripes(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.sin(2 * np.pi * freq * u + ph) > 0
+
+
+def _checkers(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.sin(np.pi * freq * u + ph) * np.sin(np.pi * freq * v) > 0
+
+
+def _dots(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    cell_u, cell_v, _ = _lattice(u, v, freq, ph)
+    return cell_u ** 2 + cell_v ** 2 < 0.09
+
+
+def _waves(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.sin(2 * np.pi * freq * v + 1.5 * np.sin(np.pi * freq * u + ph)) > 0
+
+
+def _gradient(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.clip((u + 1) / 2, 0, 1)
+
+
+def _rings(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.sin(2 * np.pi * freq * np.hypot(u, v) + ph) > 0
+
+
+def _plain(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.zeros_like(u)
+
+
+def _blotches(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    grid = rng.random((int(2 * freq) + 2,) * 2).astype(np.float32)
+    return cv2.resize(grid, u.shape[::-1], interpolation=cv2.INTER_CUBIC) > 0.5
+
+
+def _grid(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return (np.abs(np.sin(np.pi * freq * u + ph)) < 0.3) | (np.abs(np.sin(np.pi * freq * v)) < 0.3)
+
+
+def _spokes(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.sin(round(freq + 3) * np.arctan2(v, u) + ph) > 0
+
+
+def _zigzag(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    cell_u, _, _ = _lattice(u, v, freq, ph)
+    return np.sin(2 * np.pi * freq * v + 10 * np.abs(cell_u)) > 0
+
+
+def _speckle(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    grid = (rng.random((int(6 * freq) + 2,) * 2) > 0.5).astype(np.float32)
+    return cv2.resize(grid, u.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0.5
+
+
+def _triangles(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return (freq * u + ph) % 1 > (freq * v) % 1
+
+
+def _plaid(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return 0.5 * (np.sin(2 * np.pi * freq * u + ph) > 0) + 0.5 * (np.sin(4 * np.pi * freq * v) > 0)
+
+
+def _halo(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(np.hypot(u, v), 0, 1)
+
+
+def _dashes(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    _, cell_v, staggered_u = _lattice(u, v, freq, ph)
+    return (np.abs(cell_v) < 0.12) & (np.abs(staggered_u) < 0.3)
+
+
+def _scales(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    _, cell_v, staggered_u = _lattice(u, v, freq, ph)
+    r2 = staggered_u ** 2 + (cell_v + 0.5) ** 2
+    return (r2 < 0.3) & (r2 > 0.15)
+
+
+def _halves(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return (u * np.cos(ph) + v * np.sin(ph)) > 0
+
+
+def _crosses(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    cell_u, cell_v, _ = _lattice(u, v, freq, ph)
+    return ((np.abs(cell_u) < 0.08) & (np.abs(cell_v) < 0.3)) | ((np.abs(cell_v) < 0.08) & (np.abs(cell_u) < 0.3))
+
+
+def _spiral(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    return np.sin(2 * np.pi * freq * np.hypot(u, v) + 3 * np.arctan2(v, u) + ph) > 0
+
+
+# The clutter objects' patterns are random families, so that the base learner cannot learn them
+# by heart and must learn what the classes look like instead.
+def _streaks(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    """Smooth noise stretched along a random direction."""
+    grid = rng.random((int(8 * freq) + 2, 3)).astype(np.float32)
+    streaks = cv2.resize(grid, (96, 96), interpolation=cv2.INTER_CUBIC)
+    a = rng.uniform(0, np.pi)
+    along, across = u * np.cos(a) + v * np.sin(a), v * np.cos(a) - u * np.sin(a)
+    rows = np.clip((across + 1.5) / 3 * 95, 0, 95).astype(int)
+    cols = np.clip((along + 1.5) / 3 * 95, 0, 95).astype(int)
+    return streaks[rows, cols] > rng.uniform(0.35, 0.65)
+
+
+def _tiles(u: np.ndarray, v: np.ndarray, freq: float, ph: float, rng: np.random.Generator) -> np.ndarray:
+    """A mosaic of tiles in random grey levels."""
+    levels = rng.random((64, 64)).astype(np.float32)
+    return levels[np.floor(freq * u + 32).astype(int) % 64, np.floor(freq * v + 32).astype(int) % 64]
+
+
+_PATTERNS: dict[str, Texture] = {
+    "stripes": _stripes, "checkers": _checkers, "dots": _dots, "waves": _waves, "gradient": _gradient,
+    "rings": _rings, "plain": _plain, "blotches": _blotches, "grid": _grid, "spokes": _spokes,
+    "zigzag": _zigzag, "speckle": _speckle, "triangles": _triangles, "plaid": _plaid, "halo": _halo,
+    "dashes": _dashes, "scales": _scales, "halves": _halves, "crosses": _crosses, "spiral": _spiral,
+    "streaks": _streaks, "tiles": _tiles,
+}
 
 
 def _pattern(name: str, u: np.ndarray, v: np.ndarray, freq: float,
              rng: np.random.Generator) -> np.ndarray:
-    """Texture value in [0, 1] at object-frame coordinates (u, v)."""
-    ph = rng.uniform(0, 2 * np.pi)
-    if name in _LATTICE_PATTERNS:
-        # lattice cell coordinates in [-0.5, 0.5), rows shifted by half a cell when staggered
-        cell_v = (freq * v) % 1 - 0.5
-        cell_u = (freq * u + ph) % 1 - 0.5
-        staggered_u = (freq * u + 0.5 * (np.floor(freq * v) % 2) + ph) % 1 - 0.5
-    if name == "stripes":
-        return np.sin(2 * np.pi * freq * u + ph) > 0
-    if name == "checkers":
-        return np.sin(np.pi * freq * u + ph) * np.sin(np.pi * freq * v) > 0
-    if name == "dots":
-        return cell_u ** 2 + cell_v ** 2 < 0.09
-    if name == "waves":
-        return np.sin(2 * np.pi * freq * v + 1.5 * np.sin(np.pi * freq * u + ph)) > 0
-    if name == "gradient":
-        return np.clip((u + 1) / 2, 0, 1)
-    if name == "rings":
-        return np.sin(2 * np.pi * freq * np.hypot(u, v) + ph) > 0
-    if name == "plain":
-        return np.zeros_like(u)
-    if name == "blotches":
-        grid = rng.random((int(2 * freq) + 2,) * 2).astype(np.float32)
-        return cv2.resize(grid, u.shape[::-1], interpolation=cv2.INTER_CUBIC) > 0.5
-    if name == "grid":
-        return (np.abs(np.sin(np.pi * freq * u + ph)) < 0.3) | \
-            (np.abs(np.sin(np.pi * freq * v)) < 0.3)
-    if name == "spokes":
-        return np.sin(round(freq + 3) * np.arctan2(v, u) + ph) > 0
-    if name == "zigzag":
-        return np.sin(2 * np.pi * freq * v + 10 * np.abs(cell_u)) > 0
-    if name == "speckle":
-        grid = (rng.random((int(6 * freq) + 2,) * 2) > 0.5).astype(np.float32)
-        return cv2.resize(grid, u.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0.5
-    if name == "triangles":
-        return (freq * u + ph) % 1 > (freq * v) % 1
-    if name == "plaid":
-        return 0.5 * (np.sin(2 * np.pi * freq * u + ph) > 0) + 0.5 * (np.sin(4 * np.pi * freq * v) > 0)
-    if name == "halo":
-        return np.clip(np.hypot(u, v), 0, 1)
-    if name == "dashes":
-        return (np.abs(cell_v) < 0.12) & (np.abs(staggered_u) < 0.3)
-    if name == "scales":
-        r2 = staggered_u ** 2 + (cell_v + 0.5) ** 2
-        return (r2 < 0.3) & (r2 > 0.15)
-    if name == "halves":
-        return (u * np.cos(ph) + v * np.sin(ph)) > 0
-    if name == "crosses":
-        return ((np.abs(cell_u) < 0.08) & (np.abs(cell_v) < 0.3)) | \
-            ((np.abs(cell_v) < 0.08) & (np.abs(cell_u) < 0.3))
-    if name == "spiral":
-        return np.sin(2 * np.pi * freq * np.hypot(u, v) + 3 * np.arctan2(v, u) + ph) > 0
-    # Patterns of the unlabelled clutter objects only: random families, so that the base
-    # learner cannot learn them by heart and must learn what the classes look like instead.
-    if name == "streaks":  # smooth noise stretched along a random direction
-        grid = rng.random((int(8 * freq) + 2, 3)).astype(np.float32)
-        streaks = cv2.resize(grid, (96, 96), interpolation=cv2.INTER_CUBIC)
-        a = rng.uniform(0, np.pi)
-        along, across = u * np.cos(a) + v * np.sin(a), v * np.cos(a) - u * np.sin(a)
-        rows = np.clip((across + 1.5) / 3 * 95, 0, 95).astype(int)
-        cols = np.clip((along + 1.5) / 3 * 95, 0, 95).astype(int)
-        return streaks[rows, cols] > rng.uniform(0.35, 0.65)
-    if name == "tiles":  # a mosaic of tiles in random grey levels
-        levels = rng.random((64, 64)).astype(np.float32)
-        return levels[np.floor(freq * u + 32).astype(int) % 64, np.floor(freq * v + 32).astype(int) % 64]
-    raise ValueError(f"unknown texture {name!r}")
+    """Texture value in [0, 1] at object-frame coordinates (u, v), at a random phase."""
+    if name not in _PATTERNS:
+        raise ValueError(f"unknown texture {name!r}")
+    return _PATTERNS[name](u, v, freq, rng.uniform(0, 2 * np.pi), rng)
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
