@@ -19,7 +19,7 @@ import torch
 
 from evaluation.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, EpisodeCounts, concat, paired_bootstrap,
                                   pooled_over_folds, pooled_over_seeds)
-from evaluation.metrics import episode_counts
+from evaluation.metrics import EPS, episode_counts
 from evaluation.selection import ORACLE, S2Q, S2Q_GT, ZERO, EpisodeRounds, round_counts, select_all
 
 COUNTS_FILE = "episode_counts.json"  # beside results.json: what the fold summary's intervals need
@@ -202,7 +202,7 @@ def write_plots(out: Path, per_seed: Mapping[int, dict], pooled: dict) -> dict[s
     chosen = np.concatenate([a["_"]["counts"][engine_rule].fg_iou() for a in analyses])
     draw("gains", lambda p: plots.gain_histogram(
         p, 100 * (chosen - zero), f"{rule_label(engine_rule, rules[engine_rule])} - zero round, IoU points"))
-    round_iou = [c[0, 1] / (c[1, 1] + 1e-10) for e in episodes for c in e.rounds]
+    round_iou = [c[0, 1] / (c[1, 1] + EPS) for e in episodes for c in e.rounds]
     gt = [s for e in episodes for s in e.gt_scores] if with_gt else None
     if label_free:
         draw("s2q_score_vs_iou", lambda p: plots.score_vs_iou(p, [s for e in episodes for s in e.scores], round_iou, gt))

@@ -37,6 +37,8 @@ from model.contract import IGNORE, check_adapt_inputs
 from model.similarity import CacheBudget
 
 IOU_EPS = 1e-10
+ROUND_LR_EPS = 1e-10  # the reference adds it to every round's learning rate
+CONFIDENCE_EPS = 1e-10  # the reference's margin on the q2s confidence threshold
 DEFAULT_CACHE_MB = 1024
 
 
@@ -78,7 +80,7 @@ class AdaptResult:
 
 def round_learning_rate(base_lr: float, rounds: int, index: int, power: float) -> float:
     """The reference's poly schedule over N rounds (divisor N + 1, so it never reaches 0)."""
-    return base_lr * (1 - index / (rounds + 1)) ** power + 1e-10
+    return base_lr * (1 - index / (rounds + 1)) ** power + ROUND_LR_EPS
 
 
 def pseudo_label(final: Tensor, padding: Optional[Tensor]) -> Tensor:
@@ -99,7 +101,7 @@ def confident_foreground(final: Tensor, fraction: float) -> Tensor:
     filtered = torch.where(prob > 0.5, prob, torch.zeros_like(prob)).flatten()
     keep = int(int((filtered > 0).sum()) * fraction)
     threshold = filtered.kthvalue(filtered.numel() - keep + 1).values if keep > 0 else filtered.min()
-    return (prob >= threshold + 1e-10).float()
+    return (prob >= threshold + CONFIDENCE_EPS).float()
 
 
 def best_round(scores: Sequence[float]) -> int:

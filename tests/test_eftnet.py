@@ -179,7 +179,7 @@ def direct_s2q(model, episode: SimpleNamespace, query_mask: torch.Tensor) -> flo
         same = model.guide(model.match(target, itself, episode.masks[:, k:k + 1]), model.embed(itself)[None])
         fg = model.decode(target, blend(different, same)).final.argmax(1) == 1
         label = episode.masks[:, k] == 1
-        ious.append((fg & label).sum() / ((fg | label).sum() + 1e-10))
+        ious.append((fg & label).sum() / ((fg | label).sum() + eftnet.IOU_EPS))
     return float(torch.stack(ious).mean())
 
 
