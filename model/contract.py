@@ -1,4 +1,4 @@
-"""Checks of the public API's inputs against its tensor contract (DESIGN.md, section 4).
+"""Checks of the public API's inputs (README.md, "Public API") against its tensor contract.
 
 ``FewShotModel.forward`` and ``EFTNet.adapt`` call these first, so that an input outside
 the contract ends in one ``ValueError`` naming the argument, what it got and what is

@@ -1,7 +1,7 @@
 """Project error classes, and the one place where entry scripts turn them into exits.
 
 Library code raises exceptions whose message names the thing that is wrong and what to do
-(DESIGN.md, section 7); only the entry scripts (meta_test.py, train.py, dataset/demo.py,
+(docs/errors.md); only the entry scripts (meta_test.py, train.py, dataset/demo.py,
 evaluation/report.py, dataset/get_mulway_base_data.py) end the process, through ``user_errors``: one
 line on stderr and a non-zero exit, the traceback only with ``--debug``. Exceptions that are
 not a user's mistake (a bug) keep their traceback. Ctrl-C (SIGINT) and SIGTERM end an entry
