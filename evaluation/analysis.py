@@ -1,10 +1,10 @@
 """Every selection rule of a run, from its episode records: numbers, paired intervals, table, plots.
 
-The evaluator adds to each EFTNet episode record (``record["rounds"]``) the counts of every
-round's query prediction against the label (``counts``, computed by the evaluator at original
-resolution, like the other counts) and, when asked, the ground-truth s2q scores (``gt_scores``,
-from the engine's observer probe). From those, ``analyse`` applies each rule of
-``evaluation.selection`` to the same episodes, measures it like the base model (class mIoU, FB-IoU),
+Each EFTNet episode record holds, in ``record["rounds"]`` (``evaluation.records.round_fields``),
+the counts of every round's query prediction against the label (``counts``, computed by the
+evaluator at original resolution, like the other counts) and, when asked, the ground-truth s2q
+scores (``gt_scores``, from the engine's observer probe). From those, ``analyse`` applies each
+rule of ``evaluation.selection`` to the same episodes, measures it like the base model (class mIoU, FB-IoU),
 and compares it with the zero round by the paired bootstrap of ``evaluation.bootstrap``: per seed,
 and pooled over seeds (each seed resampled within itself).
 """
@@ -19,7 +19,8 @@ import torch
 
 from evaluation.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, EpisodeCounts, concat, paired_bootstrap,
                                   pooled_over_folds, pooled_over_seeds)
-from evaluation.metrics import EPS, episode_counts
+from evaluation.metrics import EPS
+from evaluation.records import per_round_mean
 from evaluation.selection import ORACLE, S2Q, S2Q_GT, ZERO, EpisodeRounds, round_counts, select_all
 
 COUNTS_FILE = "episode_counts.json"  # beside results.json: what the fold summary's intervals need
@@ -37,19 +38,6 @@ class GroundTruthScores:
 
     def __call__(self, probe) -> None:
         self.scores.append(float(probe.s2q_score(self.query_mask)))
-
-
-def round_fields(rounds: Sequence, label_orig: torch.Tensor, gt_scores: Optional[Sequence[float]],
-                 label_free: bool = True) -> dict:
-    """What an episode record's ``rounds`` gains: each round's final-prediction counts against
-    the original-resolution label, and the ground-truth s2q scores when recorded.
-    ``label_free``: whether the record's own ``scores`` used the pseudo label (False in a
-    ``s2q_query_mask: ground_truth`` run, whose engine scores are then also its ``gt_scores``)."""
-    fields = {"counts": [[c.tolist() for c in episode_counts(r.final, label_orig, 2)] for r in rounds],
-              "label_free": label_free}
-    if gt_scores is not None:
-        fields["gt_scores"] = [float(s) for s in gt_scores]
-    return fields
 
 
 def episode_rounds(record: dict) -> EpisodeRounds:
@@ -194,8 +182,8 @@ def write_plots(out: Path, per_seed: Mapping[int, dict], pooled: dict) -> dict[s
     marks = {rule_label(n, rules[n]): 100 * rules[n]["miou"] for n in PLOTTED_RULES if n in rules}
     draw("round_miou", lambda p: plots.round_iou(p, [100 * v for v in pooled["round_miou"]], marks))
     draw("round_s2q_scores", lambda p: plots.round_scores(
-        p, _ragged_mean([e.scores for e in episodes]) if label_free else None,
-        _ragged_mean([e.gt_scores for e in episodes]) if with_gt else None))
+        p, per_round_mean([e.scores for e in episodes]) if label_free else None,
+        per_round_mean([e.gt_scores for e in episodes]) if with_gt else None))
     draw("chosen_rounds", lambda p: plots.chosen_rounds(
         p, {rule_label(n, rules[n]): rules[n]["chosen_rounds"] for n in PLOTTED_RULES if n in rules}))
     zero = np.concatenate([a["_"]["counts"][ZERO].fg_iou() for a in analyses])
@@ -209,12 +197,6 @@ def write_plots(out: Path, per_seed: Mapping[int, dict], pooled: dict) -> dict[s
     else:
         draw("s2q_score_vs_iou", lambda p: plots.score_vs_iou(p, gt, round_iou, label="query ground truth"))
     return images
-
-
-def _ragged_mean(values: Sequence[Sequence[float]]) -> list[float]:
-    """Mean of round r over the episodes that reached it (early stops make the lists ragged)."""
-    length = max((len(v) for v in values), default=0)
-    return [float(np.mean([v[r] for v in values if len(v) > r])) for r in range(length)]
 
 
 # ---- the fold summary (meta_test.sh / evaluation.report) --------------------------------------------

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from evaluation.analysis import round_fields
 from evaluation.metrics import BaseClassMeter, FewShotMeter, episode_counts
 from evaluation.tables import method_values, side_by_side
 from util.errors import DataError
@@ -31,7 +30,7 @@ def evaluation_seeds(manual_seed: int, count: int) -> list[int]:
     return seeds[:count]
 
 
-def per_round_mean(values: list[list[float]]) -> list[float]:
+def per_round_mean(values: Sequence[Sequence[float]]) -> list[float]:
     """Mean of round r over the episodes that reached round r. Episodes that stopped early
     have shorter lists, so the lists are ragged and ``np.mean(values, 0)`` would fail."""
     length = max((len(v) for v in values), default=0)
@@ -40,6 +39,19 @@ def per_round_mean(values: list[list[float]]) -> list[float]:
 
 def _counts(logits: torch.Tensor, label: torch.Tensor, classes: int) -> list[list[int]]:
     return [c.tolist() for c in episode_counts(logits, label, classes)]
+
+
+def round_fields(rounds: Sequence, label_orig: torch.Tensor, gt_scores: Optional[Sequence[float]],
+                 label_free: bool = True) -> dict:
+    """What an episode record's ``rounds`` holds beside the engine's scores: each round's
+    final-prediction counts against the original-resolution label (every selection rule is
+    measured on them), and the ground-truth s2q scores when recorded. ``label_free``: whether
+    the record's own ``scores`` used the pseudo label (False in a ``s2q_query_mask:
+    ground_truth`` run, whose engine scores are then also its ``gt_scores``)."""
+    fields = {"counts": [_counts(r.final, label_orig, 2) for r in rounds], "label_free": label_free}
+    if gt_scores is not None:
+        fields["gt_scores"] = [float(s) for s in gt_scores]
+    return fields
 
 
 def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int,

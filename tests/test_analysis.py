@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from evaluation.analysis import (GroundTruthScores, analyse_pooled, analyse_seed, folds_comparison, format_analysis,
-                                 load_rule_counts, public, round_fields, save_rule_counts, tensorboard_scalars,
-                                 write_plots)
-from evaluation.records import Scores
+                                 load_rule_counts, public, save_rule_counts, tensorboard_scalars, write_plots)
+from evaluation.records import Scores, round_fields
 from evaluation.selection import s2q_choice
 
 ROUNDS = 3
