@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +47,6 @@ from tqdm import tqdm
 
 from dataset.demo import ensure_demo_present
 from dataset.episodes import EpisodeSampler
-from dataset.features import FeatureStore, class_masks, layer_maps
 from dataset.fewshot import build_episode_dataset, to_device
 from dataset.images import ImageSet
 from dataset.lists import fss_list_files, read_data_list, read_sub_class_file_list
@@ -57,17 +54,27 @@ from dataset.splits import base_classes, base_label_lut, novel_classes
 from evaluation.records import Scores, episode_record
 from model import FewShotModel, build_model
 from model.bam import BAM
-from model.base import FROZEN_MODULES
 from model.contract import IGNORE
+from training.checks import check_checkpoint_target, check_distinct_targets, check_shared, check_training_keys
+from training.features import FeatureStore, class_masks, keep_masked_supports, layer_maps
+from training.laps import Laps
+from training.optimizer import make_optimizer, sgd_step
+from training.state import frozen, round_as_saved, seed_everything
 from util.checkpoint import (base_weight_path, checkpoint_path, imagenet_weights_file, load_imagenet_backbone,
                               load_pspnet, save_base, save_checkpoint, trained_for)
-from util.config import (MIN_VAL_SIZE, backbone_name, config_summary, config_warnings,
-                         load_config)
+from util.config import backbone_name, config_summary, config_warnings, load_config
 from util.distributed import choose_device
-from util.errors import ConfigError, UsageError, user_errors
+from util.errors import ConfigError, user_errors
 from util.paths import repo_path
 
 log = logging.getLogger("train")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """The command line: see ``run``; a user's mistake exits with one message."""
+    args = parse_args(argv)
+    with user_errors("train.py", args.debug):
+        return run(args)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,249 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "of --opts (e.g. --then shot 5 --then arch BAM epochs 4); before --opts")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: key value ...")
     return parser.parse_args(argv)
-
-
-def init_backbone(model: FewShotModel, cfg) -> None:
-    """ImageNet weights into the frozen backbone (only MobileNetV2's can be installed here)."""
-    if cfg.init_backbone == "none":
-        return
-    if backbone_name(cfg) != "mobilenetv2":
-        raise ConfigError(f"init_backbone 'imagenet' is available for mobilenetv2 only, not "
-                          f"{backbone_name(cfg)!r}; use init_backbone none")
-    load_imagenet_backbone(model, imagenet_weights_file(), "mobilenetv2")
-
-
-def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], cfg) -> torch.optim.SGD:
-    """SGD over (parameters, initial learning rate) groups; ``sgd_step`` decays every rate."""
-    return torch.optim.SGD([{"params": params, "lr": lr, "initial_lr": lr} for params, lr in groups],
-                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def sgd_step(optimizer: torch.optim.Optimizer, loss: Tensor, it: int, total: int, power: float) -> float:
-    """One optimiser step at the poly learning rates of step ``it``; returns the first group's."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * (1 - it / total) ** power
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return optimizer.param_groups[0]["lr"]
-
-
-def train_base_learner(model: FewShotModel, images: DataLoader, lut: Tensor, cfg, writer, device) -> list[float]:
-    """Stage 1: PPM + classifier on the cached layer4 maps of ``images``; returns the loss of
-    every step.
-
-    With ``base_learner_layer4_lr`` > 0 the backbone's layer4 learns too, on the cached layer3
-    maps, as a PSPNet's backbone does (its BN statistics stay frozen)."""
-    head = model.learner_base.train().requires_grad_(True)
-    tune = cfg.base_learner_layer4_lr > 0
-    maps, labels = layer_maps(model, images, device, "layer3" if tune else "layer4")
-    groups = [(list(head.parameters()), cfg.base_learner_lr)]
-    if tune:
-        model.layer4.requires_grad_(True)
-        groups.append((list(model.layer4.parameters()), cfg.base_learner_layer4_lr))
-    optimizer = make_optimizer(groups, cfg)
-    n, generator = len(labels), torch.Generator().manual_seed(cfg.manual_seed)
-    steps = n // cfg.batch_size  # the last incomplete batch of an epoch is dropped
-    total, losses = cfg.base_learner_epochs * steps, []
-    for it in tqdm(range(total), desc="stage 1: base learner", dynamic_ncols=True):
-        if it % steps == 0:
-            order = torch.randperm(n, generator=generator)
-        items = order[it % steps * cfg.batch_size:(it % steps + 1) * cfg.batch_size]
-        batch = maps[items].to(device, torch.float32)
-        target = lut[labels[items].long()].to(device)
-        flip = (torch.rand(len(items), generator=generator) < 0.5).to(device)  # horizontal flips
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        target = torch.where(flip[:, None, None], target.flip(-1), target)
-        logits = head(model.layer4(batch) if tune else batch)
-        logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=True)
-        loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
-        lr = sgd_step(optimizer, loss, it, total, cfg.power)
-        losses.append(loss.item())
-        writer.add_scalar("stage1/loss", losses[-1], it)
-        writer.add_scalar("stage1/lr", lr, it)
-    head.requires_grad_(False)
-    model.layer4.requires_grad_(False)
-    return losses
-
-
-def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor,
-                       cfg, writer, device) -> dict[str, list[float]]:
-    """Stage 2: meta-training of everything but the backbone and the base learner."""
-    model.train()  # backbone and learner_base stay in eval mode
-    if cfg.fix_bn:
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer([(params, cfg.base_lr)], cfg)
-    if isinstance(model, BAM):
-        keep_masked_supports(model, store, sampler, cfg.support_cache_mb, device)
-    rng = np.random.default_rng(cfg.manual_seed)
-    total = cfg.epochs * sampler.steps_per_epoch
-    episodes = itertools.chain.from_iterable(sampler.epoch(rng) for _ in range(cfg.epochs))
-    history: dict[str, list[float]] = {"loss": [], "final": [], "meta": [], "base": []}
-    for it, (queries, classes, supports) in enumerate(tqdm(episodes, desc="stage 2: meta learner", total=total,
-                                                             dynamic_ncols=True)):
-        b, k = supports.shape
-        query = store.batch(torch.from_numpy(queries), device)
-        classes = torch.from_numpy(classes)
-        support = store.batch(torch.from_numpy(supports.reshape(-1)), device, classes.repeat_interleave(k))
-        query_labels = store.labels[torch.from_numpy(queries)].long()
-        target = class_masks(query_labels, classes).to(device)
-        masks = class_masks(store.labels[torch.from_numpy(supports)].long(), classes).to(device)
-        with torch.no_grad():  # parameter-free statistics of frozen features
-            stats = model.match(query, support, masks)
-        embeddings = model.embed(support)
-        guidance = model.guide(stats, embeddings.reshape(b, k, *embeddings.shape[1:]))
-        # BAM's training leaves the episode's own class out of the base learner's map.
-        pred = model.decode(query, guidance, exclude=lut[classes].to(device))
-        final = F.cross_entropy(pred.final, target, ignore_index=IGNORE)
-        meta = F.cross_entropy(pred.meta, target, ignore_index=IGNORE)
-        loss = final + cfg.aux_weight1 * meta
-        lr = sgd_step(optimizer, loss, it, total, cfg.power)
-        with torch.no_grad():  # the frozen base learner's loss, for the record
-            base = F.cross_entropy(pred.base, lut[query_labels].to(device), ignore_index=IGNORE)
-        for name, value in (("loss", loss), ("final", final), ("meta", meta), ("base", base)):
-            history[name].append(value.item())
-            writer.add_scalar("stage2/loss" if name == "loss" else f"stage2/loss_{name}", value.item(), it)
-        writer.add_scalar("stage2/lr", lr, it)
-    store.drop_masked_layer4()
-    return history
-
-
-def keep_masked_supports(model: BAM, store: FeatureStore, sampler: EpisodeSampler, budget_mb: float,
-                         device: torch.device) -> None:
-    """BAM's masked support layer4 maps of every (image, class) that can be drawn, kept for all
-    steps when they fit in ``budget_mb`` (support_cache_mb)."""
-    pairs = sampler.support_pairs()
-    needed = store.masked_layer4_bytes(len(pairs))
-    if needed > budget_mb * 2**20:
-        log.info("stage 2: the masked layer4 maps of the %d support (image, class) pairs would take %.0f MB, over "
-                 "support_cache_mb %g: computed at every step instead", len(pairs), needed / 2**20, budget_mb)
-        return
-    store.add_masked_layer4(model, pairs, sampler.batch * sampler.shot, device)
-
-
-@torch.no_grad()
-def validate(model: FewShotModel, cfg, device: torch.device, writer: SummaryWriter) -> dict:
-    """The meta-test protocol's scores on ``val_episodes`` novel-class episodes (seed manual_seed)."""
-    model.eval()
-    val_cfg = type(cfg)(cfg, test_num=cfg.val_episodes, episode_file="")
-    dataset, _ = build_episode_dataset(val_cfg, cfg.manual_seed)
-    scores = Scores(len(novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
-                    len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)))
-    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
-    for index, item in enumerate(tqdm(loader, desc="validation", dynamic_ncols=True)):
-        batch = to_device(item, device)
-        pred = model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
-        scores.add(episode_record(index, batch, pred, None, scores.base.num_classes))
-    val = scores.summary(with_eftnet=False)
-    for name, value in (("miou", val["zero"]["miou"]), ("fbiou", val["zero"]["fbiou"]),
-                        ("miou_meta", val["zero"]["miou_meta"]), ("base_miou", val["base_miou"])):
-        writer.add_scalar(f"val/{name}", value, 0)
-    return val
-
-
-def check_checkpoint_target(path: Path, overwrite: bool) -> None:
-    """Refuse, before any work, to replace an existing checkpoint (a committed demo model, a
-    released file) unless asked to."""
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists and would be replaced: pass --overwrite, or set weights_root / weight "
-                         "(e.g. --opts weights_root exp/weights) to write elsewhere")
-    if path.is_dir():
-        raise UsageError(f"the checkpoint path {path} is a folder: set weight to a file name")
-
-
-class Laps:
-    """Wall-clock seconds of consecutive phases: ``laps(name)`` ends the phase ``name``."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name], self._last = now - self._last, now
-
-
-def check_training_keys(cfg) -> None:
-    """The config keys training reads beyond those load_config checks (ConfigError)."""
-    if cfg.train_h != cfg.train_w:
-        raise ConfigError(f"train_h and train_w must be equal (a square canvas), got {cfg.train_h} and {cfg.train_w}")
-    if cfg.train_h < MIN_VAL_SIZE or (cfg.train_h - 1) % 8:
-        raise ConfigError(f"train_h must be 8k+1 and >= {MIN_VAL_SIZE} (the reference's geometry, e.g. 473), "
-                          f"got {cfg.train_h}")
-    for key in ("base_learner_epochs", "epochs", "batch_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key} must be >= 1 for training, got {cfg[key]}")
-    if cfg.val_episodes < 0:
-        raise ConfigError(f"val_episodes must be >= 0, got {cfg.val_episodes}")
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    """The command line: see ``run``; a user's mistake exits with one message."""
-    args = parse_args(argv)
-    with user_errors("train.py", args.debug):
-        return run(args)
-
-
-# What the checkpoints of one command share (images, backbone features, base learner): a
-# --then may change anything else (shot, arch, epochs, weight, ...).
-SHARED_KEYS = ("data_set", "data_root", "lists_root", "train_list", "split", "use_split_coco", "train_h", "train_w",
-               "backbone", "layers", "vgg", "base_width", "init_backbone", "weights_root", "base_weight",
-               "base_learner_epochs", "base_learner_lr", "base_learner_layer4_lr", "device", "workers")
-
-
-def check_shared(cfgs: list, then: list[list[str]]) -> None:
-    """Further checkpoints (--then) share the first one's features and base file (UsageError)."""
-    if len(cfgs) > 1 and not cfgs[0].base_weight:
-        raise UsageError("--then needs base_weight: the checkpoints of one command share a base file")
-    for cfg, opts in zip(cfgs[1:], then):
-        for key in SHARED_KEYS:
-            if cfg[key] != cfgs[0][key]:
-                raise UsageError(f"--then {' '.join(opts)}: {key} {cfg[key]!r} differs from the first checkpoint's "
-                                 f"{cfgs[0][key]!r}; the checkpoints of one command share its images, features and "
-                                 "base learner: train this one with a command of its own")
-
-
-def check_distinct_targets(cfgs: list, then: list[list[str]]) -> None:
-    """Each checkpoint of one command goes to a file of its own (UsageError): a --then that
-    writes the file of an earlier checkpoint would replace it, --overwrite or not."""
-    names = ["the config's checkpoint"] + [f"--then {' '.join(opts)}" for opts in then]
-    written: dict[Path, str] = {}
-    for cfg, name in zip(cfgs, names):
-        path = checkpoint_path(cfg)
-        if path in written:
-            raise UsageError(f"{name} would write {path}, as {written[path]} does, and replace it: give it a file of "
-                             f"its own (add `weight NAME` to the --then, or set the config's weight_5shot / weight_bam "
-                             "/ weight_bam_5shot)")
-        written[path] = name
-
-
-def seed_everything(seed: int) -> None:
-    """Python's, NumPy's and torch's global generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def frozen(model: FewShotModel, device: torch.device) -> None:
-    """The model on ``device`` in eval mode, its backbone and base learner without gradients
-    (stage 1 turns the base learner's on for itself)."""
-    model.to(device).eval()
-    for name in FROZEN_MODULES:
-        getattr(model, name).requires_grad_(False)
-
-
-@torch.no_grad()
-def round_as_saved(model: FewShotModel) -> None:
-    """Round the backbone and base learner to float16, as the files keep them: meta-training then
-    sees the base learner that meta-testing loads, whether or not its run trained it."""
-    for name in FROZEN_MODULES:
-        for tensor in itertools.chain(getattr(model, name).parameters(), getattr(model, name).buffers()):
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half())
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -385,26 +149,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def meta_train(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor, cfg, writer,
-               device: torch.device, laps: Laps) -> dict:
-    """Stage 2 of one checkpoint, then save, validate and report."""
-    path, base = checkpoint_path(cfg), base_weight_path(cfg)
-    seed_everything(cfg.manual_seed)  # the same dropout masks whether or not stage 1 ran before
-    meta_history = train_meta_learner(model, store, sampler, lut, cfg, writer, device)
-    laps("stage2")
-    novel = novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)
-    save_checkpoint(model, path, cfg.epochs, trained_for(cfg, novel), without_base=base is not None)
-    log.info("saved %s", path)
-    val = validate(model, cfg, device, writer) if cfg.val_episodes else None
-    if val is not None:
-        laps("validation")
-    writer.close()
-    seconds = laps.seconds | {"total": sum(laps.seconds.values())}
-    report(cfg, path, seconds, val)
-    return {"checkpoint": str(path), "base_weight": None if base is None else str(base), "base_losses": [],
-            "meta_losses": meta_history["loss"], "meta_history": meta_history, "validation": val, "seconds": seconds}
-
-
 def training_lists(cfg) -> tuple[list, dict]:
     """The fold's meta-training images (the BAM train list) and its images per base class."""
     data_root = repo_path(cfg.data_root)
@@ -427,6 +171,139 @@ def base_learner_list(cfg) -> list:
 def image_loader(data_list: list, cfg) -> DataLoader:
     """Images and labels of a list in the evaluation geometry at ``train_h``, in list order."""
     return DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers)
+
+
+def init_backbone(model: FewShotModel, cfg) -> None:
+    """ImageNet weights into the frozen backbone (only MobileNetV2's can be installed here)."""
+    if cfg.init_backbone == "none":
+        return
+    if backbone_name(cfg) != "mobilenetv2":
+        raise ConfigError(f"init_backbone 'imagenet' is available for mobilenetv2 only, not "
+                          f"{backbone_name(cfg)!r}; use init_backbone none")
+    load_imagenet_backbone(model, imagenet_weights_file(), "mobilenetv2")
+
+
+def train_base_learner(model: FewShotModel, images: DataLoader, lut: Tensor, cfg, writer, device) -> list[float]:
+    """Stage 1: PPM + classifier on the cached layer4 maps of ``images``; returns the loss of
+    every step.
+
+    With ``base_learner_layer4_lr`` > 0 the backbone's layer4 learns too, on the cached layer3
+    maps, as a PSPNet's backbone does (its BN statistics stay frozen)."""
+    head = model.learner_base.train().requires_grad_(True)
+    tune = cfg.base_learner_layer4_lr > 0
+    maps, labels = layer_maps(model, images, device, "layer3" if tune else "layer4")
+    groups = [(list(head.parameters()), cfg.base_learner_lr)]
+    if tune:
+        model.layer4.requires_grad_(True)
+        groups.append((list(model.layer4.parameters()), cfg.base_learner_layer4_lr))
+    optimizer = make_optimizer(groups, cfg)
+    n, generator = len(labels), torch.Generator().manual_seed(cfg.manual_seed)
+    steps = n // cfg.batch_size  # the last incomplete batch of an epoch is dropped
+    total, losses = cfg.base_learner_epochs * steps, []
+    for it in tqdm(range(total), desc="stage 1: base learner", dynamic_ncols=True):
+        if it % steps == 0:
+            order = torch.randperm(n, generator=generator)
+        items = order[it % steps * cfg.batch_size:(it % steps + 1) * cfg.batch_size]
+        batch = maps[items].to(device, torch.float32)
+        target = lut[labels[items].long()].to(device)
+        flip = (torch.rand(len(items), generator=generator) < 0.5).to(device)  # horizontal flips
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        target = torch.where(flip[:, None, None], target.flip(-1), target)
+        logits = head(model.layer4(batch) if tune else batch)
+        logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=True)
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
+        lr = sgd_step(optimizer, loss, it, total, cfg.power)
+        losses.append(loss.item())
+        writer.add_scalar("stage1/loss", losses[-1], it)
+        writer.add_scalar("stage1/lr", lr, it)
+    head.requires_grad_(False)
+    model.layer4.requires_grad_(False)
+    return losses
+
+
+def meta_train(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor, cfg, writer,
+               device: torch.device, laps: Laps) -> dict:
+    """Stage 2 of one checkpoint, then save, validate and report."""
+    path, base = checkpoint_path(cfg), base_weight_path(cfg)
+    seed_everything(cfg.manual_seed)  # the same dropout masks whether or not stage 1 ran before
+    meta_history = train_meta_learner(model, store, sampler, lut, cfg, writer, device)
+    laps("stage2")
+    novel = novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)
+    save_checkpoint(model, path, cfg.epochs, trained_for(cfg, novel), without_base=base is not None)
+    log.info("saved %s", path)
+    val = validate(model, cfg, device, writer) if cfg.val_episodes else None
+    if val is not None:
+        laps("validation")
+    writer.close()
+    seconds = laps.seconds | {"total": sum(laps.seconds.values())}
+    report(cfg, path, seconds, val)
+    return {"checkpoint": str(path), "base_weight": None if base is None else str(base), "base_losses": [],
+            "meta_losses": meta_history["loss"], "meta_history": meta_history, "validation": val, "seconds": seconds}
+
+
+def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor,
+                       cfg, writer, device) -> dict[str, list[float]]:
+    """Stage 2: meta-training of everything but the backbone and the base learner."""
+    model.train()  # backbone and learner_base stay in eval mode
+    if cfg.fix_bn:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer([(params, cfg.base_lr)], cfg)
+    if isinstance(model, BAM):
+        keep_masked_supports(model, store, sampler, cfg.support_cache_mb, device)
+    rng = np.random.default_rng(cfg.manual_seed)
+    total = cfg.epochs * sampler.steps_per_epoch
+    episodes = itertools.chain.from_iterable(sampler.epoch(rng) for _ in range(cfg.epochs))
+    history: dict[str, list[float]] = {"loss": [], "final": [], "meta": [], "base": []}
+    for it, (queries, classes, supports) in enumerate(tqdm(episodes, desc="stage 2: meta learner", total=total,
+                                                             dynamic_ncols=True)):
+        b, k = supports.shape
+        query = store.batch(torch.from_numpy(queries), device)
+        classes = torch.from_numpy(classes)
+        support = store.batch(torch.from_numpy(supports.reshape(-1)), device, classes.repeat_interleave(k))
+        query_labels = store.labels[torch.from_numpy(queries)].long()
+        target = class_masks(query_labels, classes).to(device)
+        masks = class_masks(store.labels[torch.from_numpy(supports)].long(), classes).to(device)
+        with torch.no_grad():  # parameter-free statistics of frozen features
+            stats = model.match(query, support, masks)
+        embeddings = model.embed(support)
+        guidance = model.guide(stats, embeddings.reshape(b, k, *embeddings.shape[1:]))
+        # BAM's training leaves the episode's own class out of the base learner's map.
+        pred = model.decode(query, guidance, exclude=lut[classes].to(device))
+        final = F.cross_entropy(pred.final, target, ignore_index=IGNORE)
+        meta = F.cross_entropy(pred.meta, target, ignore_index=IGNORE)
+        loss = final + cfg.aux_weight1 * meta
+        lr = sgd_step(optimizer, loss, it, total, cfg.power)
+        with torch.no_grad():  # the frozen base learner's loss, for the record
+            base = F.cross_entropy(pred.base, lut[query_labels].to(device), ignore_index=IGNORE)
+        for name, value in (("loss", loss), ("final", final), ("meta", meta), ("base", base)):
+            history[name].append(value.item())
+            writer.add_scalar("stage2/loss" if name == "loss" else f"stage2/loss_{name}", value.item(), it)
+        writer.add_scalar("stage2/lr", lr, it)
+    store.drop_masked_layer4()
+    return history
+
+
+@torch.no_grad()
+def validate(model: FewShotModel, cfg, device: torch.device, writer: SummaryWriter) -> dict:
+    """The meta-test protocol's scores on ``val_episodes`` novel-class episodes (seed manual_seed)."""
+    model.eval()
+    val_cfg = type(cfg)(cfg, test_num=cfg.val_episodes, episode_file="")
+    dataset, _ = build_episode_dataset(val_cfg, cfg.manual_seed)
+    scores = Scores(len(novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
+                    len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)))
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
+    for index, item in enumerate(tqdm(loader, desc="validation", dynamic_ncols=True)):
+        batch = to_device(item, device)
+        pred = model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+        scores.add(episode_record(index, batch, pred, None, scores.base.num_classes))
+    val = scores.summary(with_eftnet=False)
+    for name, value in (("miou", val["zero"]["miou"]), ("fbiou", val["zero"]["fbiou"]),
+                        ("miou_meta", val["zero"]["miou_meta"]), ("base_miou", val["base_miou"])):
+        writer.add_scalar(f"val/{name}", value, 0)
+    return val
 
 
 def report(cfg, path: Path, seconds: dict[str, float], val: dict | None) -> None:

@@ -1,15 +1,21 @@
-"""Frozen backbone features of every image of a list, kept once for training."""
+"""Frozen backbone features of every image of a list, kept once for training, and BAM's masked
+support maps kept for every step of meta-training."""
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dataset.episodes import EpisodeSampler
 from model.backbones import Features
 from model.bam import BAM
 from model.base import FewShotModel
 from model.contract import IGNORE
+
+log = logging.getLogger(__name__)
 
 
 def class_masks(labels: Tensor, classes: Tensor) -> Tensor:
@@ -126,3 +132,16 @@ def layer_maps(model: FewShotModel, loader: DataLoader, device: torch.device, la
         maps.append(model.stage(images.to(device), layer).to("cpu", torch.float16))
         labels.append(label)
     return torch.cat(maps), torch.cat(labels)
+
+
+def keep_masked_supports(model: BAM, store: FeatureStore, sampler: EpisodeSampler, budget_mb: float,
+                         device: torch.device) -> None:
+    """BAM's masked support layer4 maps of every (image, class) that can be drawn, kept for all
+    steps when they fit in ``budget_mb`` (support_cache_mb)."""
+    pairs = sampler.support_pairs()
+    needed = store.masked_layer4_bytes(len(pairs))
+    if needed > budget_mb * 2**20:
+        log.info("stage 2: the masked layer4 maps of the %d support (image, class) pairs would take %.0f MB, over "
+                 "support_cache_mb %g: computed at every step instead", len(pairs), needed / 2**20, budget_mb)
+        return
+    store.add_masked_layer4(model, pairs, sampler.batch * sampler.shot, device)
