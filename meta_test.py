@@ -289,7 +289,7 @@ class Evaluator:
         self.writer.add_scalar("time/seconds_per_episode", record["seconds"], step)
         for method, miou in running.values().items():
             self.writer.add_scalar(f"running/miou_{method}", miou, step)
-        if "rounds" in record:
+        if "rounds" in record and record["rounds"]["chosen"] is not None:
             self.writer.add_scalar("rounds/chosen_round", record["rounds"]["chosen"], step)
 
     def save_panels(self, index: int, batch: dict, zero, eft) -> None:

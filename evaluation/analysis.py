@@ -22,6 +22,7 @@ from evaluation.bootstrap import (DEFAULT_DRAWS, DEFAULT_SEED, EpisodeCounts, co
 from evaluation.metrics import EPS
 from evaluation.records import per_round_mean
 from evaluation.selection import ORACLE, S2Q, S2Q_GT, ZERO, EpisodeRounds, round_counts, select_all
+from model.round_selection import S2Q_STOP, S2Q_VOTE, SOFT_VOTE, STOP_VOTE
 
 COUNTS_FILE = "episode_counts.json"  # beside results.json: what the fold summary's intervals need
 PLOTTED_RULES = (S2Q, S2Q_GT, ORACLE)
@@ -47,7 +48,8 @@ def episode_rounds(record: dict) -> EpisodeRounds:
     if "counts" not in rounds:
         raise KeyError("episode record without per-round counts (written by an older version): rerun with --restart")
     scores = rounds["scores"] if rounds.get("label_free", True) else None
-    return EpisodeRounds(record["zero"]["final"], rounds["counts"], scores, rounds.get("gt_scores"))
+    return EpisodeRounds(record["zero"]["final"], rounds["counts"], scores, rounds.get("gt_scores"),
+                         rounds.get("votes"))
 
 
 def _summary(counts: EpisodeCounts) -> dict:
@@ -77,6 +79,8 @@ def analyse_seed(records: Sequence[dict], num_classes: int, num_rounds: int, dra
                  "description": selection.rule.description, "chosen_rounds": selection.histogram(num_rounds)}
         if name != ZERO:
             entry["vs_zero"] = paired_bootstrap(counts[name], counts[ZERO], draws, seed).to_dict()
+        if name not in (ZERO, S2Q) and S2Q in counts:
+            entry["vs_s2q"] = paired_bootstrap(counts[name], counts[S2Q], draws, seed).to_dict()
         rules[name] = entry
     per_round = round_counts(episodes, num_rounds)
     return {"episodes": len(records), "with_gt_scores": with_gt, "with_label_free_scores": label_free, "rules": rules,
@@ -97,9 +101,10 @@ def analyse_pooled(per_seed: Mapping[int, dict], num_classes: int, num_rounds: i
         first = analyses[0]["rules"][name]
         entry = {**_summary(counts), "reads_labels": first["reads_labels"], "description": first["description"],
                  "chosen_rounds": np.sum([a["rules"][name]["chosen_rounds"] for a in analyses], 0).tolist()}
-        if name != ZERO:
-            pairs = [(a["_"]["counts"][name], a["_"]["counts"][ZERO]) for a in analyses]
-            entry["vs_zero"] = pooled_over_seeds(pairs, draws, seed).to_dict()
+        for against in (ZERO, S2Q):
+            if name not in (ZERO, against) and against in names:
+                pairs = [(a["_"]["counts"][name], a["_"]["counts"][against]) for a in analyses]
+                entry[f"vs_{against}"] = pooled_over_seeds(pairs, draws, seed).to_dict()
         rules[name] = entry
     class_idx = np.concatenate([a["_"]["class_idx"] for a in analyses])
     per_round = np.concatenate([a["_"]["per_round"] for a in analyses])
@@ -117,7 +122,8 @@ def public(analysis: dict) -> dict:
 
 def rule_label(name: str, entry: dict) -> str:
     names = {ZERO: "zero round (base model)", S2Q: "EFTNet s2q, label-free", S2Q_GT: "EFTNet s2q, query GT",
-             "last": "last round", ORACLE: "oracle round"}
+             "last": "last round", ORACLE: "oracle round", S2Q_STOP: "s2q with a stop",
+             SOFT_VOTE: "soft vote of the rounds", S2Q_VOTE: "s2q-weighted vote", STOP_VOTE: "vote up to the stop"}
     label = names.get(name, name.replace("round_", "fixed round "))
     return label + (" *" if entry["reads_labels"] else "")
 
@@ -230,9 +236,10 @@ def load_rule_counts(path: Path) -> dict[str, EpisodeCounts]:
 
 
 def folds_comparison(folds: Sequence[Mapping[str, EpisodeCounts]], rule: str, draws: int = DEFAULT_DRAWS,
-                     seed: int = DEFAULT_SEED) -> Optional[dict]:
-    """``rule`` against the zero round, the mean over folds of each fold's difference with its
-    paired interval (each fold resampled on its own); None when a fold lacks the rule."""
-    if not folds or any(rule not in f or ZERO not in f for f in folds):
+                     seed: int = DEFAULT_SEED, against: str = ZERO) -> Optional[dict]:
+    """``rule`` against the rule ``against`` (the zero round by default), the mean over folds of
+    each fold's difference with its paired interval (each fold resampled on its own); None when
+    a fold lacks either rule."""
+    if not folds or any(rule not in f or against not in f for f in folds):
         return None
-    return pooled_over_folds([(f[rule], f[ZERO]) for f in folds], draws, seed).to_dict()
+    return pooled_over_folds([(f[rule], f[against]) for f in folds], draws, seed).to_dict()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,13 +42,16 @@ def _counts(logits: torch.Tensor, label: torch.Tensor, classes: int) -> list[lis
 
 
 def round_fields(rounds: Sequence, label_orig: torch.Tensor, gt_scores: Optional[Sequence[float]],
-                 label_free: bool = True) -> dict:
+                 label_free: bool = True, votes: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
     """What an episode record's ``rounds`` holds beside the engine's scores: each round's
     final-prediction counts against the original-resolution label (every selection rule is
     measured on them), and the ground-truth s2q scores when recorded. ``label_free``: whether
     the record's own ``scores`` used the pseudo label (False in a ``s2q_query_mask:
-    ground_truth`` run, whose engine scores are then also its ``gt_scores``)."""
+    ground_truth`` run, whose engine scores are then also its ``gt_scores``). ``votes``: the
+    engine's vote-rule predictions, recorded as counts like a round's."""
     fields = {"counts": [_counts(r.final, label_orig, 2) for r in rounds], "label_free": label_free}
+    if votes:
+        fields["votes"] = {name: _counts(final, label_orig, 2) for name, final in votes.items()}
     if gt_scores is not None:
         fields["gt_scores"] = [float(s) for s in gt_scores]
     return fields
@@ -68,7 +71,7 @@ def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int,
         record["eftnet"] = {"final": _counts(eft.final, label, 2), "meta": _counts(eft.meta, label, 2)}
         record["rounds"] = {"scores": eft.round_scores, "chosen": eft.chosen_round, "losses": eft.losses,
                             "stopped_early": eft.stopped_early,
-                            **round_fields(eft.rounds, label, gt_scores, label_free)}
+                            **round_fields(eft.rounds, label, gt_scores, label_free, eft.votes)}
     return record
 
 
@@ -229,7 +232,8 @@ class Scores:
                     self.meters[f"{method}_{output}"].add(record["class_idx"], *record_counts(record[method][output]))
         self.base.add(*record_counts(record["base"]))
         if "rounds" in record:
-            self.chosen.append(record["rounds"]["chosen"])
+            if record["rounds"]["chosen"] is not None:  # None: a vote rule answered
+                self.chosen.append(record["rounds"]["chosen"])
             self.round_scores.append(record["rounds"]["scores"])
             self.round_losses.append(record["rounds"]["losses"])
             self.stopped_early += int(record["rounds"]["stopped_early"])

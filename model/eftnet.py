@@ -5,7 +5,8 @@ For every episode: save the adapted head parameters, predict once with the base 
 support-to-query (s2q) re-segmentation of the supports, predicts the query by
 query-to-support (q2s) guidance (real supports blended with the query under its most
 confident pseudo mask), and takes one SGD step towards the previous round's prediction.
-The round with the best s2q score is the answer; then the parameters are restored.
+The round with the best s2q score is the answer (``round_selection``: the paper's rule by
+default, model/round_selection.py has the others); then the parameters are restored.
 
 Reference behaviour kept on purpose (docs/reference_behaviour.md, section 2):
 - a round's score and prediction come from the weights *before* its step, so the last
@@ -25,7 +26,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torch import Tensor
 from model.backbones import Features
 from model.base import FewShotModel, Guidance, Prediction, ShotStats
 from model.contract import IGNORE, check_adapt_inputs
+from model.round_selection import RULES, ROUND_RULES, S2Q, VOTE_RULES
 from model.similarity import CacheBudget
 
 IOU_EPS = 1e-10
@@ -71,11 +73,13 @@ class AdaptResult:
     base: Tensor
     zero_round: Prediction
     round_scores: list[float]
-    chosen_round: int
+    chosen_round: Optional[int]              # 1..N; None when the answer combines rounds (a vote rule)
     losses: list[float] = field(default_factory=list)
     pseudo_mask: Optional[Tensor] = None     # round 1's q2s support mask of the query
     stopped_early: bool = False              # a non-finite loss ended the rounds
     rounds: list[Round] = field(default_factory=list)
+    votes: dict[str, Tensor] = field(default_factory=dict)  # every vote rule's final prediction
+    selection: str = S2Q                     # the round_selection rule that gave final / meta / base
 
 
 def round_learning_rate(base_lr: float, rounds: int, index: int, power: float) -> float:
@@ -102,19 +106,6 @@ def confident_foreground(final: Tensor, fraction: float) -> Tensor:
     keep = int(int((filtered > 0).sum()) * fraction)
     threshold = filtered.kthvalue(filtered.numel() - keep + 1).values if keep > 0 else filtered.min()
     return (prob >= threshold + CONFIDENCE_EPS).float()
-
-
-def best_round(scores: Sequence[float]) -> int:
-    """The round the engine answers with (1-based), from the rounds' s2q scores in order.
-
-    The best score starts at 0 and a round is taken when its score is ``>=`` the best so far:
-    round 1 is always taken (scores are IoUs >= 0) and ties go to the later round. 0 (the
-    zero round) comes back only when no score is a number >= 0 (NaN scores)."""
-    best, chosen = 0.0, 0
-    for index, score in enumerate(scores, start=1):
-        if score >= best:
-            best, chosen = score, index
-    return chosen
 
 
 def foreground_iou(final: Tensor, mask: Tensor) -> Tensor:
@@ -144,11 +135,12 @@ class EFTNetSettings:
     # [similarity_cache_mb] similarity products kept across rounds (same outputs; past it they
     # are recomputed; 0: every round matches directly)
     similarity_cache_mb: float = DEFAULT_CACHE_MB
+    round_selection: str = S2Q                        # [round_selection] model/round_selection.py
 
     KEYS = {"rounds": "ft_number", "base_lr": "ft_base_lr", "power": "ft_power", "momentum": "momentum",
             "weight_decay": "weight_decay", "aux_weight": "sr_aux_weight1", "blend": "change_weighting",
             "q2s_fraction": "q2s_filt_para", "query_mask_source": "s2q_query_mask", "q2s_blend": "q2s_blend",
-            "similarity_cache_mb": "similarity_cache_mb"}
+            "similarity_cache_mb": "similarity_cache_mb", "round_selection": "round_selection"}
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -157,6 +149,8 @@ class EFTNetSettings:
             raise ValueError(f"s2q_query_mask must be 'pseudo' or 'ground_truth', got {self.query_mask_source!r}")
         if len(self.blend) != 2:
             raise ValueError(f"change_weighting must be two numbers [real, same-image], got {self.blend!r}")
+        if self.round_selection not in RULES:
+            raise ValueError(f"round_selection must be one of {RULES}, got {self.round_selection!r}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "EFTNetSettings":
@@ -166,7 +160,8 @@ class EFTNetSettings:
                    momentum=float(values["momentum"]), weight_decay=float(values["weight_decay"]),
                    aux_weight=float(values["aux_weight"]), blend=tuple(float(w) for w in values["blend"]),
                    q2s_fraction=float(values["q2s_fraction"]), query_mask_source=values["query_mask_source"],
-                   q2s_blend=bool(values["q2s_blend"]), similarity_cache_mb=float(values["similarity_cache_mb"]))
+                   q2s_blend=bool(values["q2s_blend"]), similarity_cache_mb=float(values["similarity_cache_mb"]),
+                   round_selection=values["round_selection"])
 
 
 class EFTNet:
@@ -269,13 +264,20 @@ class EFTNet:
                 optimizer.step()
             previous = prediction.final.detach()
         scores = [r.score for r in rounds]
-        chosen = best_round(scores)
-        if chosen == 0:
-            final, meta, base = zero.final, zero.meta, zero.base
+        votes = {name: rule([r.final for r in rounds], scores) for name, rule in VOTE_RULES.items()}
+        if s.round_selection in VOTE_RULES:
+            chosen = None
+            final = votes[s.round_selection]
+            meta = VOTE_RULES[s.round_selection]([r.meta for r in rounds], scores)
+            base = bases[0]  # the base learner is frozen: the same in every round
         else:
-            final, meta, base = rounds[chosen - 1].final, rounds[chosen - 1].meta, bases[chosen - 1]
+            chosen = ROUND_RULES[s.round_selection](scores)
+            if chosen == 0:
+                final, meta, base = zero.final, zero.meta, zero.base
+            else:
+                final, meta, base = rounds[chosen - 1].final, rounds[chosen - 1].meta, bases[chosen - 1]
         return AdaptResult(final.detach(), meta.detach(), base, zero, scores, chosen,
-                           losses, rounds[0].q2s_mask, stopped, rounds)
+                           losses, rounds[0].q2s_mask, stopped, rounds, votes, s.round_selection)
 
     # ---- the two branches ----------------------------------------------------------------
     def _q2s(self, state: "_State", mask: Tensor, support_embed: Tensor, query_embed: Tensor) -> Prediction:

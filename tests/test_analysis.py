@@ -9,7 +9,7 @@ import torch
 from evaluation.analysis import (GroundTruthScores, analyse_pooled, analyse_seed, folds_comparison, format_analysis,
                                  load_rule_counts, public, save_rule_counts, tensorboard_scalars, write_plots)
 from evaluation.records import Scores, round_fields
-from evaluation.selection import s2q_choice
+from model.round_selection import best_round
 
 ROUNDS = 3
 CLASSES = 4
@@ -28,7 +28,7 @@ def fake_records(seed: int, episodes: int, with_gt: bool = True, stop_at: int | 
         hits = [min(120, zero_hits + int(rng.integers(-5, 25))) for _ in range(rounds)]
         scores = [float(rng.uniform(0.4, 0.8)) for _ in range(rounds)]
         zero = fake_counts(rng, zero_hits)
-        chosen = s2q_choice(scores)
+        chosen = best_round(scores)
         eft = fake_counts(rng, hits[chosen - 1])
         record = {"episode": i, "class_idx": int(rng.integers(0, CLASSES)),
                   "zero": {"final": zero, "meta": zero}, "eftnet": {"final": eft, "meta": eft},

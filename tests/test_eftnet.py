@@ -20,8 +20,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import model.eftnet as eftnet
 from model import BAM, MSANet
 from model.base import ADAPTED_MODULES, Guidance
-from model.eftnet import (EFTNet, EFTNetSettings, best_round, confident_foreground, foreground_iou, pseudo_label,
+from model.eftnet import (EFTNet, EFTNetSettings, confident_foreground, foreground_iou, pseudo_label,
                           round_learning_rate)
+from model.round_selection import best_round
 
 SIZE = 65
 LR = 0.001
@@ -392,6 +393,73 @@ def test_round_one_is_accepted_with_score_zero(msanet1, ep1):
     assert res.chosen_round == 1 and res.round_scores == [0.0]
     assert torch.equal(res.final, predictions[0].final)
     assert not torch.allclose(res.final, res.zero_round.final)   # the zero round is never the answer
+
+
+def test_round_selection_default_is_the_papers_rule_bit_for_bit(msanet2, ep2):
+    default = run(EFTNet(msanet2, make_settings(base_lr=0.005)), ep2)
+    explicit = run(EFTNet(msanet2, make_settings(base_lr=0.005, round_selection="s2q")), ep2)
+    assert_same_result(default, explicit)
+    assert default.selection == "s2q" and default.chosen_round == best_round(default.round_scores)
+    assert torch.equal(default.final, default.rounds[default.chosen_round - 1].final)
+
+
+@pytest.mark.parametrize("rule", ["s2q_stop", "soft_vote", "s2q_vote", "stop_vote"])
+def test_every_round_selection_answers_with_its_rule_on_scores_and_predictions_only(msanet2, ep2, rule, monkeypatch):
+    """Each rule receives the rounds' scores (and, to vote, their predictions): never a label.
+    The rounds themselves are the same whatever the rule; only the answer differs."""
+    from model import round_selection
+
+    seen = []
+
+    def spy(function):
+        def wrapped(*args):
+            seen.append(args)
+            return function(*args)
+        return wrapped
+
+    monkeypatch.setitem(round_selection.ROUND_RULES, rule, spy(round_selection.ROUND_RULES[rule])) \
+        if rule in round_selection.ROUND_RULES else \
+        monkeypatch.setitem(round_selection.VOTE_RULES, rule, spy(round_selection.VOTE_RULES[rule]))
+    paper = run(EFTNet(msanet2, make_settings(base_lr=0.005)), ep2)
+    seen.clear()
+    res = run(EFTNet(msanet2, make_settings(base_lr=0.005, round_selection=rule)), ep2)
+    assert res.round_scores == paper.round_scores and res.selection == rule
+    assert all(torch.equal(a.final, b.final) for a, b in zip(res.rounds, paper.rounds))
+    finals, metas = [r.final for r in res.rounds], [r.meta for r in res.rounds]
+    assert seen
+    for args in seen:  # (scores,) for a round rule; (final or meta predictions, scores) for a vote rule
+        if rule in round_selection.ROUND_RULES:
+            assert args == (res.round_scores,)
+        else:
+            predictions, scores = args
+            assert scores == res.round_scores
+            assert any(all(torch.equal(a, b) for a, b in zip(predictions, group)) for group in (finals, metas))
+    if rule == "s2q_stop":
+        assert res.chosen_round == round_selection.first_peak(res.round_scores)
+        assert torch.equal(res.final, res.rounds[res.chosen_round - 1].final)
+    else:
+        expected = {"soft_vote": round_selection.vote(finals), "s2q_vote": round_selection.vote(finals, res.round_scores),
+                    "stop_vote": round_selection.vote(finals[:round_selection.first_peak(res.round_scores)])}[rule]
+        assert res.chosen_round is None
+        assert torch.equal(res.final, expected)
+        assert torch.equal(res.final, paper.votes[rule])  # every run records every vote
+    probabilities = res.final.softmax(1)
+    assert torch.allclose(probabilities.sum(1), torch.ones_like(probabilities[:, 0]))
+
+
+def test_vote_is_the_mean_of_the_rounds_probabilities():
+    from model.round_selection import vote
+
+    a, b = torch.tensor([[[[0.0]], [[2.0]]]]), torch.tensor([[[[1.0]], [[-1.0]]]])
+    pa, pb = a.softmax(1), b.softmax(1)
+    assert torch.allclose(vote([a, b]).exp(), (pa + pb) / 2)
+    assert torch.allclose(vote([a, b], [0.6, 0.2]).exp(), 0.75 * pa + 0.25 * pb)
+    assert torch.allclose(vote([a, b], [0.0, 0.0]).exp(), (pa + pb) / 2)  # no weight: alike
+
+
+def test_unknown_round_selection_is_refused():
+    with pytest.raises(ValueError, match="round_selection must be one of"):
+        make_settings(round_selection="oracle")
 
 
 # ---- 5. reset between episodes ------------------------------------------------------------------

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.selection import (EpisodeRounds, Rule, choose, oracle_choice, round_counts, rule_set, s2q_choice,
-                                  select_all)
+from evaluation.selection import EpisodeRounds, Rule, choose, oracle_choice, round_counts, rule_set, select_all
+from model.round_selection import best_round
 
 
 def counts(inter_fg: int, union_fg: int, inter_bg: int = 300, union_bg: int = 350) -> list[list[int]]:
@@ -26,7 +26,7 @@ def episode(fg: list[tuple[int, int]], scores, gt_scores=None, zero=(10, 100)) -
     ([math.nan], 0),               # ... so the zero round comes back only then
 ])
 def test_s2q_choice_is_the_engines_rule(scores, chosen):
-    assert s2q_choice(scores) == chosen
+    assert best_round(scores) == chosen
 
 
 def test_oracle_takes_best_fg_iou_ties_to_later_round():
@@ -38,7 +38,10 @@ def test_oracle_takes_best_fg_iou_ties_to_later_round():
 
 def test_rule_set_order_and_label_flags():
     rules = rule_set(3, with_gt_scores=True)
-    assert [r.name for r in rules] == ["zero", "s2q", "s2q_gt", "last", "round_1", "round_2", "round_3", "oracle"]
+    assert [r.name for r in rules] == ["zero", "s2q", "s2q_stop", "s2q_gt", "last", "round_1", "round_2", "round_3",
+                                       "oracle"]
+    with_votes = [r.name for r in rule_set(3, with_gt_scores=False, with_votes=True)]
+    assert with_votes[:6] == ["zero", "s2q", "s2q_stop", "soft_vote", "s2q_vote", "stop_vote"]
     assert {r.name for r in rules if r.reads_labels} == {"s2q_gt", "oracle"}
     assert "s2q_gt" not in [r.name for r in rule_set(3, with_gt_scores=False)]
     with pytest.raises(ValueError):
@@ -51,7 +54,7 @@ def test_every_rule_on_hand_made_rounds():
         episode([(50, 100), (50, 100), (45, 100)], [0.2, 0.2, 0.1], [0.3, 0.9, 0.9]),
     ]
     selected = select_all(episodes, 3, with_gt_scores=True)
-    expected = {"zero": [0, 0], "s2q": [3, 2], "s2q_gt": [2, 3], "last": [3, 3], "round_1": [1, 1],
+    expected = {"zero": [0, 0], "s2q": [3, 2], "s2q_stop": [1, 2], "s2q_gt": [2, 3], "last": [3, 3], "round_1": [1, 1],
                 "round_2": [2, 2], "round_3": [3, 3], "oracle": [2, 2]}
     assert {k: v.chosen.tolist() for k, v in selected.items()} == expected
     for name, selection in selected.items():
@@ -84,13 +87,13 @@ def test_missing_ground_truth_scores_and_bad_lengths_are_refused():
         choose(Rule("best_guess", False, ""), plain)
 
 
-@pytest.mark.parametrize("scores", [[0.2, 0.6, 0.6, 0.1], [0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.2, 0.3],
-                                    [math.nan, 0.2], [math.nan], [0.3, math.nan, 0.3]])
-def test_s2q_rule_is_the_engines_function(scores):
-    pytest.importorskip("torch")
-    from model.eftnet import best_round
+def test_s2q_rule_is_the_engines_function():
+    """One implementation: the evaluation's s2q rule applies the engine's own function."""
+    from evaluation import selection
+    from model import round_selection
 
-    assert s2q_choice(scores) == best_round(scores)
+    assert selection.ROUND_RULES is round_selection.ROUND_RULES and selection.best_round is round_selection.best_round
+    assert choose(Rule("s2q", False, ""), episode([(1, 2), (2, 3), (1, 3)], [0.2, 0.6, 0.6])) == 3
 
 
 def test_s2q_rule_reproduces_the_engines_choice():
@@ -106,7 +109,7 @@ def test_s2q_rule_reproduces_the_engines_choice():
                               (make_settings(rounds=4), ep)):
         result = run(EFTNet(model, settings), episode)
         assert len(result.round_scores) == 4 and [r.score for r in result.rounds] == result.round_scores
-        assert s2q_choice(result.round_scores) == result.chosen_round
+        assert best_round(result.round_scores) == result.chosen_round
         assert torch.equal(result.rounds[result.chosen_round - 1].final, result.final)
 
 
@@ -126,8 +129,8 @@ def test_rules_on_a_pseudo_run_equal_runs_with_that_rule_forced():
     pseudo = run(EFTNet(model, make_settings(rounds=3)), ep, observer=observer)
     reference = run(EFTNet(model, make_settings(rounds=3, query_mask_source="ground_truth")), ep, query_mask=ep.query_mask)
     assert observer.scores == pytest.approx(reference.round_scores, abs=1e-6)
-    assert s2q_choice(observer.scores) == reference.chosen_round
-    chosen = pseudo.rounds[s2q_choice(observer.scores) - 1]
+    assert best_round(observer.scores) == reference.chosen_round
+    chosen = pseudo.rounds[best_round(observer.scores) - 1]
     assert torch.allclose(chosen.final, reference.final, atol=1e-5)
     for ours, theirs in zip(pseudo.rounds, reference.rounds):  # one trajectory, whatever the selection
         assert torch.allclose(ours.final, theirs.final, atol=1e-5)
@@ -139,3 +142,30 @@ def test_ground_truth_run_has_only_the_reference_rule():
     assert "s2q" not in selected and selected["s2q_gt"].chosen.tolist() == [1]
     with pytest.raises(ValueError, match="label-free"):
         choose(rule_set(2, False)[1], e)
+
+
+@pytest.mark.parametrize("scores, chosen", [
+    ([0.5, 0.7, 0.6, 0.9], 2),     # stops at the first fall, although round 4 scores best
+    ([0.5, 0.5, 0.3], 2),          # an equal score goes on
+    ([0.4, 0.3, 0.8], 1),
+    ([0.1, 0.2, 0.3], 3),          # never falls: the last round
+    ([math.nan, 0.2], 0),          # as best_round: round 1 needs a number >= 0 ...
+    ([0.3, math.nan, 0.9], 1),     # ... and a NaN is a fall
+])
+def test_s2q_stop_takes_the_last_round_before_the_score_falls(scores, chosen):
+    from model.round_selection import first_peak
+
+    assert first_peak(scores) == chosen
+
+
+def test_vote_rules_are_scored_on_their_recorded_counts():
+    """A vote rule's answer is no round: its counts come from the record, its histogram is empty."""
+    votes = [{"soft_vote": counts(60, 100), "s2q_vote": counts(55, 100), "stop_vote": counts(50, 100)},
+             {"soft_vote": counts(10, 100), "s2q_vote": counts(12, 100), "stop_vote": counts(11, 100)}]
+    episodes = [EpisodeRounds(counts(10, 100), [counts(20, 100), counts(30, 100)], [0.5, 0.4], votes=v) for v in votes]
+    selected = select_all(episodes, 2, with_gt_scores=False)
+    assert [c.tolist() for c in selected["soft_vote"].counts] == [counts(60, 100), counts(10, 100)]
+    assert [c.tolist() for c in selected["s2q_vote"].counts] == [counts(55, 100), counts(12, 100)]
+    assert selected["soft_vote"].histogram(2) == [0, 0, 0]
+    without = select_all([EpisodeRounds(counts(10, 100), [counts(20, 100)], [0.5])], 1, with_gt_scores=False)
+    assert "soft_vote" not in without and "s2q_stop" in without  # no recorded votes, no vote rule

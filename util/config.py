@@ -52,6 +52,7 @@ SCHEMA: dict[str, Any] = {
     "reduce_dim": 256,
     "base_width": 512,  # hidden width of the base learner's classifier (512 in every release)
     "s2q_query_mask": "pseudo",  # 'ground_truth' reproduces the reference (reads the query label)
+    "round_selection": "s2q",  # EFTNet's answer: model/round_selection.py (s2q: the paper's rule)
     "q2s_blend": True,  # ablation: False = the q2s prediction uses the real supports only
     # evaluation: also record each round's s2q score with the query label (the reference's selection;
     # never seen by the engine); costs +11 % per episode at 201 px 1-shot, +16 % at 473 px, +42 % at 473 px 5-shot
@@ -111,6 +112,7 @@ NOT_READ: dict[str, Any] = {
 CHOICES: dict[str, tuple] = {
     "arch": ("MSANet", "BAM"),
     "s2q_query_mask": ("pseudo", "ground_truth"),
+    "round_selection": ("s2q", "s2q_stop", "soft_vote", "s2q_vote", "stop_vote"),  # model.round_selection.RULES
     "data_set": ("pascal", "coco", "demo"),
     "layers": (50, 101),
     "init_backbone": ("imagenet", "none"),
