@@ -9,7 +9,9 @@ their ratio (medians over repeats that run the parts in turn, so a changing load
 both alike), and peak memory (process peak RSS on CPU, which includes the plain forward's;
 ``torch.cuda.max_memory_allocated`` on CUDA, reset before each part). ``--direct`` adds the
 episode matched directly every round (``similarity_cache_mb 0``); ``--probe`` the episode
-with the evaluator's extra ground-truth s2q score per round (``s2q_gt_scores``) and its cost. The
+with the evaluator's extra ground-truth s2q score per round (``s2q_gt_scores``) and its cost;
+``--votes`` the time of the vote rules' predictions (model/round_selection.py), which the engine
+computes in every episode from the rounds it has, and their share of the episode. The
 random model is biased to predict about 30 % of the query as foreground, like a trained model
 on an object. The reference code measures about 16.4x (1-shot) and 36.5x (5-shot) for this
 ratio with R50 at 201 px.
@@ -28,6 +30,7 @@ import torch
 from benchmarks.common import interleaved_times, peak_memory_mb, predict_foreground, random_episode, reset_peak
 from model import BAM, MSANet
 from model.eftnet import EFTNet, EFTNetSettings
+from model.round_selection import VOTE_RULES
 
 HEADER = (f"{'arch':>6} {'backbone':>9} {'px':>4} {'shot':>4} {'base s':>7} {'EFTNet s':>8} {'ratio':>6} "
           f"{'base MB':>8} {'EFTNet MB':>9} {'extra MB':>8}")
@@ -38,7 +41,8 @@ def engine_settings(cache_mb: float, mode: str) -> EFTNetSettings:
 
 
 def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device, repeats: int,
-            cache_mb: float, mode: str, direct: bool, probe: bool, cpu_clock: bool = False) -> dict:
+            cache_mb: float, mode: str, direct: bool, probe: bool, cpu_clock: bool = False,
+            votes: bool = False) -> dict:
     """Times and peaks of one setting, in this process."""
     torch.manual_seed(0)
     model = (MSANet if arch == "MSANet" else BAM)(backbone, shot, 15).to(device).eval()
@@ -60,6 +64,10 @@ def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device
         parts["direct"] = episode(0)
     if probe:
         parts["probe"] = episode(cache_mb, lambda p: p.s2q_score(query_mask))
+    if votes:
+        rounds = parts["eft"]()
+        finals = [r.final for r in rounds.rounds]
+        parts["votes"] = lambda: {name: rule(finals, rounds.round_scores) for name, rule in VOTE_RULES.items()}
     out = {}
     for name, fn in parts.items():  # warm-up; base first, as the CPU's peak RSS only grows
         reset_peak(device)
@@ -84,22 +92,24 @@ def main() -> None:
     parser.add_argument("--cpu-clock", action="store_true",
                         help="CPU seconds of the process instead of wall time (a shared machine; use 1 thread)")
     parser.add_argument("--probe", action="store_true", help="also time the episode with ground-truth s2q scores")
+    parser.add_argument("--votes", action="store_true", help="also time the vote rules' predictions")
     parser.add_argument("--one", nargs=4, metavar=("ARCH", "BACKBONE", "SIZE", "SHOT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.one:
         arch, backbone, size, shot = args.one
         print(json.dumps(measure(arch, backbone, int(size), int(shot), device, args.repeats, args.cache_mb,
-                                 args.mode, args.direct, args.probe, args.cpu_clock)))
+                                 args.mode, args.direct, args.probe, args.cpu_clock, args.votes)))
         return
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"threads {torch.get_num_threads()}, {'CPU' if args.cpu_clock else 'wall'} seconds, "
           f"s2q query mask {args.mode}, similarity_cache_mb {args.cache_mb:g}")
     print(HEADER + (f" {'direct s':>8} {'ratio':>6}" if args.direct else "")
-          + (f" {'probe s':>8} {'cost':>6}" if args.probe else ""), flush=True)
+          + (f" {'probe s':>8} {'cost':>6}" if args.probe else "")
+          + (f" {'votes s':>8} {'cost':>6}" if args.votes else ""), flush=True)
+    flags = ("direct", "probe", "cpu_clock", "votes")
     common = ["--device", args.device, "--repeats", str(args.repeats), "--cache-mb", str(args.cache_mb),
-              "--mode", args.mode] + [f"--{flag.replace('_', '-')}" for flag in ("direct", "probe", "cpu_clock")
-                                      if getattr(args, flag)]
+              "--mode", args.mode] + [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
     for arch, backbone, size, shot in itertools.product(args.archs, args.backbones, args.sizes, args.shots):
         child = subprocess.run([sys.executable, "-m", "benchmarks.bench_eftnet", "--one", arch, backbone,
                                 str(size), str(shot), *common], capture_output=True, text=True)
@@ -114,6 +124,8 @@ def main() -> None:
             line += f" {r['direct_s']:8.3f} {r['direct_s'] / r['base_s']:6.2f}"
         if args.probe:
             line += f" {r['probe_s']:8.3f} {100 * (r['probe_s'] / r['eft_s'] - 1):+5.0f}%"
+        if args.votes:
+            line += f" {r['votes_s']:8.4f} {100 * r['votes_s'] / r['eft_s']:5.1f}%"
         print(line, flush=True)
 
 

@@ -112,7 +112,8 @@ def record_problem(record: object, episodes: int) -> Optional[str]:
                     return problem
     if "eftnet" in record:
         rounds = record.get("rounds")
-        if not isinstance(rounds, dict) or any(k not in rounds for k in ("scores", "chosen", "losses", "stopped_early")):
+        needed = ("scores", "chosen", "losses", "stopped_early")
+        if not isinstance(rounds, dict) or any(k not in rounds for k in needed):
             return "'rounds' lacks the scores, chosen round, losses or stop flag of the EFTNet rounds"
     return _counts_problem(record["base"], "base")
 

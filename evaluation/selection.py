@@ -7,7 +7,8 @@ record, and one run reports all of them on identical episodes.
 
 Round numbering is the engine's: 0 is the zero round (the base model), 1..N the fine-tuning
 rounds. The label-free rules are the engine's own functions (model/round_selection.py), applied
-to the recorded scores; a vote rule's answer is not a round, so the evaluator records its counts. Counts are ``[[inter_bg, inter_fg], [union_bg, union_fg], [target_bg, target_fg]]``
+to the recorded scores; a vote rule's answer is not a round, so the evaluator records its
+counts. Counts are ``[[inter_bg, inter_fg], [union_bg, union_fg], [target_bg, target_fg]]``
 against the query label at original resolution (``evaluation.records.episode_record``'s layout).
 
 An episode that stopped early (a non-finite loss ended its rounds after R < N rounds) has R

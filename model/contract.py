@@ -13,8 +13,9 @@ The contract, with B the batch, K the shots and S the (square) image side:
   foreground (all 0, or all 255, which reads as background) passes, as the reference runs it:
   that support's masked features are all zero, so is its prototype (their sum divided by the
   area + 0.0005), and EFTNet's s2q scores it 0 in every round (there is no foreground to
-  re-segment), so with one shot every round ties and the last round is the answer. Such an episode measures nothing; meta_test.py never builds one (the support
-  lists hold only images that show the class, and episode files are checked for it);
+  re-segment), so with one shot every round ties and the last round is the answer. Such an
+  episode measures nothing; meta_test.py never builds one (the support lists hold only images
+  that show the class, and episode files are checked for it);
 - ``padding`` [B, S, S]: bool, True on the padded canvas;
 - K is 1 or the model's ``shot`` (the k-shot weights are built for that many shots);
 - every tensor on the model's device.

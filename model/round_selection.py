@@ -7,8 +7,9 @@ scores and their query predictions. Two kinds:
   prediction. The evaluation applies the same functions to recorded scores, so its rules table
   and the engine agree by construction.
 - a *vote* rule combines the rounds' predictions into a new one: the mean of their class
-  probabilities, uniform, weighted by the s2q scores, or over the rounds before the score falls. The engine computes every vote rule's
-  prediction in each episode (a few additions) and the evaluation records it like a round's.
+  probabilities, uniform, weighted by the s2q scores, or over the rounds before the score
+  falls. The engine computes every vote rule's prediction in each episode (a few additions)
+  and the evaluation records it like a round's.
 
 ``s2q`` is the paper's rule and the default.
 """

@@ -438,7 +438,8 @@ def test_every_round_selection_answers_with_its_rule_on_scores_and_predictions_o
         assert res.chosen_round == round_selection.first_peak(res.round_scores)
         assert torch.equal(res.final, res.rounds[res.chosen_round - 1].final)
     else:
-        expected = {"soft_vote": round_selection.vote(finals), "s2q_vote": round_selection.vote(finals, res.round_scores),
+        expected = {"soft_vote": round_selection.vote(finals),
+                    "s2q_vote": round_selection.vote(finals, res.round_scores),
                     "stop_vote": round_selection.vote(finals[:round_selection.first_peak(res.round_scores)])}[rule]
         assert res.chosen_round is None
         assert torch.equal(res.final, expected)

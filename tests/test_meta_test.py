@@ -153,6 +153,22 @@ def test_changed_config_is_not_resumed(setup, full_run, capsys):
     assert "another configuration (q2s_filt_para 0.2 -> 0.3)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rule", ["s2q_stop", "stop_vote"])
+def test_round_selection_answers_as_its_row_of_the_rules_table(setup, full_run, rule):
+    """EFTNet's own numbers under another round_selection are that rule's row of the rules table,
+    which every run reports (the default run included), on the same episodes."""
+    root, path = setup
+    results = run(path, root / rule, "round_selection", rule, "num_seeds", "1")
+    row = results["rules"]["per_seed"][510]["rules"][rule]
+    assert results["seeds"][510]["eftnet"]["miou"] == pytest.approx(row["miou"], abs=1e-12)
+    assert results["seeds"][510]["eftnet"]["fbiou"] == pytest.approx(row["fbiou"], abs=1e-12)
+    default = full_run[0]["rules"]["per_seed"][510]["rules"]
+    assert default[rule]["miou"] == pytest.approx(row["miou"], abs=1e-12)
+    assert "vs_s2q" in row and default["s2q"]["miou"] == pytest.approx(full_run[0]["seeds"][510]["eftnet"]["miou"])
+    chosen = results["seeds"][510]["chosen_rounds"]
+    assert (sum(chosen) == 5) if rule == "s2q_stop" else chosen == []  # a vote answers with no round
+
+
 def test_base_only_and_ground_truth_modes(setup):
     root, path = setup
     base = run(path, root / "base", "loop_ft", "False", "num_seeds", "1")

@@ -343,7 +343,8 @@ def test_committed_demo_files_say_what_they_were_trained_for():
 def test_episodes_that_stopped_early_are_counted_in_the_warnings(setup, tmp_path):
     _, path, _ = setup
     out = tmp_path / "out"
-    results = meta_test.main(meta(path, out, "ft_base_lr", "1e30", "ft_number", "4"))  # a non-finite loss stops the rounds
+    # so large a learning rate that a non-finite loss stops the rounds
+    results = meta_test.main(meta(path, out, "ft_base_lr", "1e30", "ft_number", "4"))
     stopped = results["seeds"][510]["stopped_early"]
     assert stopped >= 1
     line = f"{stopped} of 2 episodes stopped their EFTNet rounds early (a non-finite fine-tuning loss"

@@ -33,7 +33,8 @@ def _describe(holder: dict) -> str:
     if not holder:
         return "a run that left no details"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {since} ({holder.get('command', '?')})"
+    pid, host, command = (holder.get(key, "?") for key in ("pid", "host", "command"))
+    return f"pid {pid} on host {host} since {since} ({command})"
 
 
 def _read_holder(fd: int) -> dict:
