@@ -3,6 +3,7 @@
     python -m evaluation.report exp/demo/.../split0/results.json exp/demo/.../split1/results.json ...
     python -m evaluation.report --ablation exp/demo/MSANet_mobilenetv2_1shot   (the runs of ablation.sh)
     python -m evaluation.report --miniature exp/miniature/default/demo       (the runs of miniature.sh)
+    python -m evaluation.report --rules exp/miniature/default/demo           (their label-free rules vs s2q)
 """
 from __future__ import annotations
 
@@ -197,6 +198,40 @@ def miniature_table(runs: dict[tuple[str, str, int], list[Path]]) -> str:
     return "\n".join(lines)
 
 
+def _interval_cell(both: Optional[dict]) -> str:
+    if both is None:
+        return "-"
+    m = both["miou"]
+    return f"{100 * m['point']:+.2f} [{100 * m['low']:+.2f},{100 * m['high']:+.2f}]"
+
+
+def rules_overview(runs: dict[tuple[str, str, int], list[Path]]) -> str:
+    """Every label-free rule of miniature.sh's settings in one table: the paper's s2q against the
+    base model, then each other rule against s2q (the comparison that decides whether it beats
+    the paper's rule), as the mean over folds with its paired interval."""
+    settings = sorted(runs, key=lambda k: (k[0] != "MSANet", k))
+    folds = {k: [read_counts(p) for p in runs[k]] for k in settings}
+    pooled = {k: [r["rules"]["pooled"]["rules"] for r in read_runs(runs[k]) if "rules" in r] for k in settings}
+    first = read_results(runs[settings[0]][0])
+    draws = first.get("bootstrap", {}).get("draws", DEFAULT_DRAWS)
+    seed = first.get("bootstrap", {}).get("seed", DEFAULT_SEED)
+    names = [n for n in pooled[settings[0]][0] if not pooled[settings[0]][0][n]["reads_labels"] and n != ZERO]
+    width = 22
+    head = f"{'class mIoU, mean over folds':<30} | " + " | ".join(f"{f'{a} {s}-shot':<{width}}" for a, _, s in settings)
+    lines = [head, "-" * len(head)]
+
+    def row(label: str, name: str, against: str) -> str:
+        cells = [_interval_cell(folds_comparison(folds[k], name, draws, seed, against))
+                 if all(c is not None for c in folds[k]) else "-" for k in settings]
+        return f"{label:<30} | " + " | ".join(f"{c:<{width}}" for c in cells)
+
+    lines.append(row("s2q - base model", S2Q, ZERO))
+    lines += [row(f"{rule_label(n, pooled[settings[0]][0][n])} - s2q", n, S2Q) for n in names if n != S2Q]
+    lines.append(f"Label-free rules only; [95% paired bootstrap interval of the mean over folds, each fold resampled on "
+                 f"its own, {draws} draws, seed {seed}].")
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def read_counts(results_path: str | Path) -> Optional[dict]:
     """The per-rule counts meta_test.py wrote beside a results.json; None if absent."""
     path = Path(results_path).with_name(COUNTS_FILE)
@@ -266,15 +301,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("results", nargs="*", help="results.json files, one per fold")
     parser.add_argument("--ablation", metavar="ROOT", help="the ablation table of ablation.sh's runs under ROOT")
     parser.add_argument("--miniature", metavar="ROOT", help="the paper-shaped table of miniature.sh's runs under ROOT")
+    parser.add_argument("--rules", metavar="ROOT", help="every label-free rule against s2q, miniature.sh's runs under ROOT")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
-    if sum(map(bool, (args.results, args.ablation, args.miniature))) != 1:
-        parser.error("give results.json files, --ablation ROOT or --miniature ROOT")
+    if sum(map(bool, (args.results, args.ablation, args.miniature, args.rules))) != 1:
+        parser.error("give results.json files, --ablation ROOT, --miniature ROOT or --rules ROOT")
     with user_errors("evaluation/report.py", args.debug):
         if args.ablation:
             table = ablation_table(ablation_runs(args.ablation))
         elif args.miniature:
             table = miniature_table(miniature_runs(args.miniature))
+        elif args.rules:
+            table = rules_overview(miniature_runs(args.rules))
         else:
             table = summary(args.results)
     print(table)

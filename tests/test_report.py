@@ -103,3 +103,22 @@ def test_miniature_refuses_two_runs_of_one_setting(tmp_path):
 
 def read_json(path):
     return json.loads(path.read_text())
+
+
+def test_rules_overview_puts_every_label_free_rule_against_s2q(tmp_path):
+    """--rules: s2q against the base model, then each label-free rule against s2q, per setting;
+    rules that read labels (oracle) are left out."""
+    for arch, shot in (("MSANet", 1), ("BAM", 5)):
+        folder = tmp_path / f"{arch}_{shot}" / "tag"
+        folder.mkdir(parents=True)
+        for split in range(4):
+            write_fold(folder, split, data_set="demo", arch=arch, shot=shot, backbone="mobilenetv2")
+    text = report.main(["--rules", str(tmp_path)])
+    lines = text.splitlines()
+    assert lines[0].split("|")[1].strip() == "MSANet 1-shot" and lines[0].split("|")[2].strip() == "BAM 5-shot"
+    assert lines[2].startswith("s2q - base model") and "last round - s2q" in text and "fixed round 1 - s2q" in text
+    assert "oracle" not in text and "s2q - s2q" not in text
+    counts = [report.read_counts(tmp_path / "MSANet_1" / "tag" / f"split{k}" / "results.json") for k in range(4)]
+    both = report.folds_comparison(counts, "last", 1000, 2024, "s2q")  # the runs' bootstrap: 1000 draws
+    row = next(line for line in lines if line.startswith("last round - s2q")).split("|")[1].strip()
+    assert row == f"{100 * both['miou']['point']:+.2f} [{100 * both['miou']['low']:+.2f},{100 * both['miou']['high']:+.2f}]"
