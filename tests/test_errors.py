@@ -26,19 +26,14 @@ from dataset.episodes import load_episodes, save_episodes
 from util.errors import DataError, describe
 from evaluation.records import per_round_mean
 
-from tests.tiny_demo import tiny_demo
+from tests.tiny_demo import finished_tiny_run
 
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny demo benchmark, its config, a random-weight checkpoint and one finished run."""
-    root = tmp_path_factory.mktemp("errors")
-    path = tiny_demo(root, {"reduce_dim": 16, "base_width": 16},
-                     {"test_num": 2, "num_seeds": 1, "workers": 0, "tb_images": 0, "ft_number": 2})
-    done = root / "done"
-    meta_test.main(["--config", str(path), "--exp-dir", str(done)])
-    return root, path, done
+    return finished_tiny_run(tmp_path_factory.mktemp("errors"))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

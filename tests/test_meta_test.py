@@ -90,7 +90,9 @@ def test_tensorboard_holds_the_results(full_run):
 def test_every_selection_rule_is_reported(full_run):
     results, out = full_run
     pooled = results["rules"]["pooled"]
-    assert list(pooled["rules"]) == ["zero", "s2q", "s2q_gt", "last", "round_1", "round_2", "round_3", "oracle"]
+    assert list(pooled["rules"]) == ["zero", "s2q", "s2q_stop", "soft_vote", "s2q_vote", "stop_vote", "s2q_gt", "last",
+                                     "round_1", "round_2", "round_3", "oracle"]
+    assert all("vs_s2q" in pooled["rules"][n] for n in pooled["rules"] if n not in ("zero", "s2q"))
     assert pooled["episodes"] == 10 and pooled["with_gt_scores"]
     for seed, summary in results["seeds"].items():
         rules = results["rules"]["per_seed"][seed]["rules"]

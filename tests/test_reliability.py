@@ -30,7 +30,7 @@ from util.config import load_config
 from util.lock import LOCK_NAME
 
 from tests.test_errors import copy_run, fails, meta, snapshot, train_config
-from tests.tiny_demo import tiny_demo
+from tests.tiny_demo import finished_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW = ["test_num", "150"]  # about 20 s: long enough to be caught in the middle
@@ -39,12 +39,7 @@ SLOW = ["test_num", "150"]  # about 20 s: long enough to be caught in the middle
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny demo benchmark, its config, a random-weight checkpoint and one finished run."""
-    root = tmp_path_factory.mktemp("reliability")
-    path = tiny_demo(root, {"reduce_dim": 16, "base_width": 16},
-                     {"test_num": 2, "num_seeds": 1, "workers": 0, "tb_images": 0, "ft_number": 2})
-    done = root / "done"
-    meta_test.main(["--config", str(path), "--exp-dir", str(done)])
-    return root, path, done
+    return finished_tiny_run(tmp_path_factory.mktemp("reliability"))
 
 
 def start(path: Path, out: Path, *opts: str, restart: bool = False) -> subprocess.Popen:

@@ -31,3 +31,14 @@ def tiny_demo(root: Path, method: dict, test_finetune: dict, foreground_bias: Op
             model.cls_meta[3].bias.copy_(torch.tensor([0.0, foreground_bias]))
     torch.save({"epoch": 1, "state_dict": model.state_dict()}, root / "weights.pth")
     return path
+
+
+def finished_tiny_run(root: Path) -> tuple[Path, Path, Path]:
+    """``tiny_demo`` with small heads, 2 episodes, 1 seed and 2 rounds, and one finished run of
+    it in ``root/done``. Returns (root, config path, the run's folder)."""
+    import meta_test
+
+    path = tiny_demo(root, {"reduce_dim": 16, "base_width": 16},
+                     {"test_num": 2, "num_seeds": 1, "workers": 0, "tb_images": 0, "ft_number": 2})
+    meta_test.main(["--config", str(path), "--exp-dir", str(root / "done")])
+    return root, path, root / "done"
