@@ -392,7 +392,7 @@ def evaluate(args: argparse.Namespace, cfg, ctx: distributed.Context, out: Path,
         ctx.barrier()
     seeds = evaluation_seeds(cfg.manual_seed, cfg.num_seeds)
     plans = {seed: seed_episodes(cfg, out, seed, args.restart) for seed in seeds}
-    if not args.restart:
+    if ctx.main and not args.restart:  # the main rank holds the folder: it reads and reports what is there
         check_records(out, seeds, cfg.test_num)
     if ctx.main:  # every input is checked: only now is the output folder written
         prepare_output(out, cfg, fingerprint_text, args.restart, plans)
