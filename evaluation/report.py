@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from evaluation.analysis import COUNTS_FILE, folds_comparison, load_rule_counts, rule_label
-from evaluation.selection import S2Q, ZERO
+from evaluation.selection import S2Q, S2Q_GT, ZERO
 from evaluation.bootstrap import DEFAULT_DRAWS, DEFAULT_SEED
 from evaluation.published import comparison_table
 from evaluation.tables import method_values, side_by_side
@@ -27,6 +27,14 @@ SETTING = ("data_set", "arch", "backbone", "shot", "loop_ft", "s2q_query_mask")
 PER_FOLD_KEYS = frozenset({"split", "weight", "weight_5shot", "weight_bam", "weight_bam_5shot", "base_weight",
                            "weight_path", "val_list", "train_list", "episode_file", "show", "show_ft", "exp_root",
                            "tb_images", "workers", "device"})
+
+
+def engine_rule(results: dict) -> str:
+    """The rules-table row that is a run's own EFTNet answer: its round_selection, or the
+    reference's s2q with the query label in a ground_truth run."""
+    if results.get("uses_query_labels"):
+        return S2Q_GT
+    return results.get("settings", {}).get("round_selection", S2Q)
 
 
 def fold_table(results: list[dict]) -> str:
@@ -100,7 +108,7 @@ def ablation_table(variants: dict[str, list[str | Path]]) -> str:
             raise DataError(f"ablation variant {variant}: its results.json files lack the selection rules "
                             "(written by an older meta_test.py): rerun it")
         pooled = [r["rules"]["pooled"]["rules"] for r in results]
-        rule = "s2q_gt" if results[0].get("uses_query_labels") else "s2q"
+        rule = engine_rule(results[0])
         draws = results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS)
         seed = results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)
         head = head or _rules_head("variant: dmIoU vs base model", results)
@@ -131,7 +139,7 @@ def published_table(results: list[dict], counts: list[Optional[dict]]) -> Option
     data_set, arch, backbone, shot = next(iter(settings))
     ours = {r["split"]: {m: r[m]["miou_mean"] for m in ("zero", "eftnet") if m in r} for r in results}
     fold_intervals, mean_interval = {}, None
-    rule = "s2q_gt" if results[0].get("uses_query_labels") else "s2q"
+    rule = engine_rule(results[0])
     for r in results:
         entry = r.get("rules", {}).get("pooled", {}).get("rules", {}).get(rule)
         if entry:
@@ -171,7 +179,7 @@ def _setting_cells(paths: list[Path]) -> tuple[str, str]:
     if not all("eftnet" in r for r in results):
         return f"{zero:.2f}", "-"
     eft = sum(100 * r["eftnet"]["miou_mean"] for r in results) / len(results)
-    rule = "s2q_gt" if results[0].get("uses_query_labels") else "s2q"
+    rule = engine_rule(results[0])
     both = folds_comparison(counts, rule, results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS),
                             results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)) \
         if all(c is not None for c in counts) else None

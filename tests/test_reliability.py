@@ -274,6 +274,7 @@ def test_report_takes_the_folds_of_one_setting(fold_results):
     (["q2s_filt_para", "-.inf"], ["q2s_filt_para", "finite"]),
     (["episode_file", "my_episodes.json", "num_seeds", "3"], ["episode_file", "{seed}", "num_seeds is 3"]),
     (["test_num", "1000000000"], ["test_num must be <= 100000", "1000000000"]),
+    (["round_selection", "stop_vote", "s2q_query_mask", "ground_truth"], ["round_selection 'stop_vote'", "pseudo"]),
 ])
 def test_values_that_change_the_numbers_refuse(setup, tmp_path, capsys, opts, names):
     _, path, _ = setup

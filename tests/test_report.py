@@ -9,7 +9,7 @@ from evaluation.analysis import COUNTS_FILE, analyse_pooled, analyse_seed, publi
 
 
 def write_fold(root, split: int, data_set: str = "pascal", counts: bool = True, arch: str = "MSANet",
-               shot: int = 1, backbone: str = "resnet50", query_mask: str = "pseudo"):
+               shot: int = 1, backbone: str = "resnet50", query_mask: str = "pseudo", round_selection: str = "s2q"):
     per_seed = {510: analyse_seed(fake_records(split, 30), CLASSES, ROUNDS, draws=1000)}
     pooled = analyse_pooled(per_seed, CLASSES, ROUNDS, draws=1000)
     folder = root / f"split{split}"
@@ -19,7 +19,7 @@ def write_fold(root, split: int, data_set: str = "pascal", counts: bool = True, 
                "zero": {"miou_mean": pooled["rules"]["zero"]["miou"], "fbiou_mean": pooled["rules"]["zero"]["fbiou"]},
                "eftnet": {"miou_mean": pooled["rules"]["s2q"]["miou"], "fbiou_mean": pooled["rules"]["s2q"]["fbiou"]},
                "rules": {"per_seed": {"510": public(per_seed[510])}, "pooled": public(pooled)},
-               "bootstrap": {"draws": 1000, "seed": 2024}}
+               "bootstrap": {"draws": 1000, "seed": 2024}, "settings": {"round_selection": round_selection}}
     (folder / "results.json").write_text(json.dumps(results))
     if counts:
         save_rule_counts(folder / COUNTS_FILE, per_seed, CLASSES)
@@ -122,3 +122,15 @@ def test_rules_overview_puts_every_label_free_rule_against_s2q(tmp_path):
     both = report.folds_comparison(counts, "last", 1000, 2024, "s2q")  # the runs' bootstrap: 1000 draws
     row = next(line for line in lines if line.startswith("last round - s2q")).split("|")[1].strip()
     assert row == f"{100 * both['miou']['point']:+.2f} [{100 * both['miou']['low']:+.2f},{100 * both['miou']['high']:+.2f}]"
+
+
+def test_a_runs_own_answer_is_its_round_selection(tmp_path):
+    """The miniature's interval belongs to the rule the run answered with, not always to s2q."""
+    paths = [write_fold(tmp_path, split, data_set="demo", round_selection="s2q_stop") for split in range(4)]
+    counts = [report.read_counts(p) for p in paths]
+    stop = report.folds_comparison(counts, "s2q_stop", 1000, 2024)
+    s2q = report.folds_comparison(counts, "s2q", 1000, 2024)
+    assert stop["miou"]["low"] != s2q["miou"]["low"]
+    _, cell = report._setting_cells(paths)
+    assert cell.endswith(f"[{100 * stop['miou']['low']:+.2f},{100 * stop['miou']['high']:+.2f}]")
+    assert report.engine_rule({"uses_query_labels": True}) == "s2q_gt" and report.engine_rule({}) == "s2q"

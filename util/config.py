@@ -275,6 +275,9 @@ def _validate(cfg: CfgNode, where: str) -> None:
         (0 < cfg.q2s_filt_para <= 1, f"q2s_filt_para must be in (0, 1], got {cfg.q2s_filt_para}"),
         (_DEVICE.fullmatch(cfg.device) is not None,
          f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
+        (cfg.round_selection == "s2q" or cfg.s2q_query_mask == "pseudo",
+         f"round_selection {cfg.round_selection!r} needs s2q_query_mask pseudo: with the query's ground truth "
+         "the reference's rule is s2q"),
         (cfg.test_num >= 1, f"test_num must be >= 1, got {cfg.test_num}"),
         (cfg.test_num <= MAX_TEST_NUM,
          f"test_num must be <= {MAX_TEST_NUM} (the published protocols use 1,000 episodes per seed; the whole "
