@@ -29,6 +29,12 @@ PER_FOLD_KEYS = frozenset({"split", "weight", "weight_5shot", "weight_bam", "wei
                            "tb_images", "workers", "device"})
 
 
+def bootstrap_of(results: dict) -> tuple[int, int]:
+    """The draws and seed of a run's paired bootstrap, which the fold summary repeats."""
+    settings = results.get("bootstrap", {})
+    return settings.get("draws", DEFAULT_DRAWS), settings.get("seed", DEFAULT_SEED)
+
+
 def engine_rule(results: dict) -> str:
     """The rules-table row that is a run's own EFTNet answer: its round_selection, or the
     reference's s2q with the query label in a ground_truth run."""
@@ -58,8 +64,7 @@ def rules_table(results: list[dict], counts: list[Optional[dict]]) -> Optional[s
         return None
     pooled = [r["rules"]["pooled"]["rules"] for r in results]
     names = [n for n in pooled[0] if n != "zero" and all(n in p for p in pooled)]
-    draws = results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS)
-    seed = results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)
+    draws, seed = bootstrap_of(results[0])
     head = _rules_head("rule: dmIoU vs zero round", results)
     lines = [head, "-" * len(head)]
     for name in names:
@@ -109,8 +114,7 @@ def ablation_table(variants: dict[str, list[str | Path]]) -> str:
                             "(written by an older meta_test.py): rerun it")
         pooled = [r["rules"]["pooled"]["rules"] for r in results]
         rule = engine_rule(results[0])
-        draws = results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS)
-        seed = results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)
+        draws, seed = bootstrap_of(results[0])
         head = head or _rules_head("variant: dmIoU vs base model", results)
         rows.append(_rule_row(variant, rule, pooled, counts, draws, seed))
         if variant == "reference":
@@ -145,8 +149,7 @@ def published_table(results: list[dict], counts: list[Optional[dict]]) -> Option
         if entry:
             fold_intervals[r["split"]] = (entry["vs_zero"]["miou"]["low"], entry["vs_zero"]["miou"]["high"])
     if sorted(ours) == [0, 1, 2, 3] and all(c is not None for c in counts):
-        both = folds_comparison(counts, rule, results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS),
-                                results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED))
+        both = folds_comparison(counts, rule, *bootstrap_of(results[0]))
         if both is not None:
             mean_interval = (both["miou"]["low"], both["miou"]["high"])
     return comparison_table(data_set, arch, backbone, shot, ours, fold_intervals, mean_interval,
@@ -180,9 +183,7 @@ def _setting_cells(paths: list[Path]) -> tuple[str, str]:
         return f"{zero:.2f}", "-"
     eft = sum(100 * r["eftnet"]["miou_mean"] for r in results) / len(results)
     rule = engine_rule(results[0])
-    both = folds_comparison(counts, rule, results[0].get("bootstrap", {}).get("draws", DEFAULT_DRAWS),
-                            results[0].get("bootstrap", {}).get("seed", DEFAULT_SEED)) \
-        if all(c is not None for c in counts) else None
+    both = folds_comparison(counts, rule, *bootstrap_of(results[0])) if all(c is not None for c in counts) else None
     interval = f" [{100 * both['miou']['low']:+.2f},{100 * both['miou']['high']:+.2f}]" if both else ""
     return f"{zero:.2f}", f"{eft:.2f} ({eft - zero:+.2f}){interval}"
 
@@ -219,10 +220,13 @@ def rules_overview(runs: dict[tuple[str, str, int], list[Path]]) -> str:
     the paper's rule), as the mean over folds with its paired interval."""
     settings = sorted(runs, key=lambda k: (k[0] != "MSANet", k))
     folds = {k: [read_counts(p) for p in runs[k]] for k in settings}
-    pooled = {k: [r["rules"]["pooled"]["rules"] for r in read_runs(runs[k]) if "rules" in r] for k in settings}
-    first = read_results(runs[settings[0]][0])
-    draws = first.get("bootstrap", {}).get("draws", DEFAULT_DRAWS)
-    seed = first.get("bootstrap", {}).get("seed", DEFAULT_SEED)
+    results = {k: read_runs(runs[k]) for k in settings}
+    for k in settings:
+        if not all("rules" in r for r in results[k]):
+            raise DataError(f"{runs[k][0].parent.parent}: runs without EFTNet's rules (loop_ft False): "
+                            "no rule to compare")
+    pooled = {k: [r["rules"]["pooled"]["rules"] for r in results[k]] for k in settings}
+    draws, seed = bootstrap_of(results[settings[0]][0])
     names = [n for n in pooled[settings[0]][0] if not pooled[settings[0]][0][n]["reads_labels"] and n != ZERO]
     width = 22
     head = f"{'class mIoU, mean over folds':<30} | " + " | ".join(f"{f'{a} {s}-shot':<{width}}" for a, _, s in settings)
@@ -235,8 +239,8 @@ def rules_overview(runs: dict[tuple[str, str, int], list[Path]]) -> str:
 
     lines.append(row("s2q - base model", S2Q, ZERO))
     lines += [row(f"{rule_label(n, pooled[settings[0]][0][n])} - s2q", n, S2Q) for n in names if n != S2Q]
-    lines.append(f"Label-free rules only; [95% paired bootstrap interval of the mean over folds, each fold resampled on "
-                 f"its own, {draws} draws, seed {seed}].")
+    lines.append(f"Label-free rules only; [95% paired bootstrap interval of the mean over folds, each fold "
+                 f"resampled on its own, {draws} draws, seed {seed}].")
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -309,7 +313,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("results", nargs="*", help="results.json files, one per fold")
     parser.add_argument("--ablation", metavar="ROOT", help="the ablation table of ablation.sh's runs under ROOT")
     parser.add_argument("--miniature", metavar="ROOT", help="the paper-shaped table of miniature.sh's runs under ROOT")
-    parser.add_argument("--rules", metavar="ROOT", help="every label-free rule against s2q, miniature.sh's runs under ROOT")
+    parser.add_argument("--rules", metavar="ROOT",
+                        help="every label-free rule against s2q, miniature.sh's runs under ROOT")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
     if sum(map(bool, (args.results, args.ablation, args.miniature, args.rules))) != 1:

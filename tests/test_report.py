@@ -134,3 +134,18 @@ def test_a_runs_own_answer_is_its_round_selection(tmp_path):
     _, cell = report._setting_cells(paths)
     assert cell.endswith(f"[{100 * stop['miou']['low']:+.2f},{100 * stop['miou']['high']:+.2f}]")
     assert report.engine_rule({"uses_query_labels": True}) == "s2q_gt" and report.engine_rule({}) == "s2q"
+
+
+def test_rules_overview_of_base_only_runs_is_one_message(tmp_path, capsys):
+    folder = tmp_path / "MSANet_1" / "tag"
+    folder.mkdir(parents=True)
+    for split in range(2):
+        path = write_fold(folder, split, data_set="demo", backbone="mobilenetv2")
+        results = json.loads(path.read_text())
+        del results["rules"], results["eftnet"]
+        path.write_text(json.dumps(results))
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--rules", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert "runs without EFTNet's rules (loop_ft False)" in err and str(folder) in err
