@@ -52,7 +52,7 @@ from dataset.images import ImageSet
 from dataset.lists import fss_list_files, read_data_list, read_sub_class_file_list
 from dataset.splits import base_classes, base_label_lut, novel_classes
 from evaluation.records import Scores, episode_record
-from model import FewShotModel, build_model
+from model import PrototypeModel, build_model
 from model.bam import BAM
 from model.contract import IGNORE
 from training.checks import check_checkpoint_target, check_distinct_targets, check_shared, check_training_keys
@@ -173,7 +173,7 @@ def image_loader(data_list: list, cfg) -> DataLoader:
     return DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers)
 
 
-def init_backbone(model: FewShotModel, cfg) -> None:
+def init_backbone(model: PrototypeModel, cfg) -> None:
     """ImageNet weights into the frozen backbone (only MobileNetV2's can be installed here)."""
     if cfg.init_backbone == "none":
         return
@@ -183,7 +183,7 @@ def init_backbone(model: FewShotModel, cfg) -> None:
     load_imagenet_backbone(model, imagenet_weights_file(), "mobilenetv2")
 
 
-def train_base_learner(model: FewShotModel, images: DataLoader, lut: Tensor, cfg, writer, device) -> list[float]:
+def train_base_learner(model: PrototypeModel, images: DataLoader, lut: Tensor, cfg, writer, device) -> list[float]:
     """Stage 1: PPM + classifier on the cached layer4 maps of ``images``; returns the loss of
     every step.
 
@@ -221,7 +221,7 @@ def train_base_learner(model: FewShotModel, images: DataLoader, lut: Tensor, cfg
     return losses
 
 
-def meta_train(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor, cfg, writer,
+def meta_train(model: PrototypeModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor, cfg, writer,
                device: torch.device, laps: Laps) -> dict:
     """Stage 2 of one checkpoint, then save, validate and report."""
     path, base = checkpoint_path(cfg), base_weight_path(cfg)
@@ -241,7 +241,7 @@ def meta_train(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler
             "meta_losses": meta_history["loss"], "meta_history": meta_history, "validation": val, "seconds": seconds}
 
 
-def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor,
+def train_meta_learner(model: PrototypeModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor,
                        cfg, writer, device) -> dict[str, list[float]]:
     """Stage 2: meta-training of everything but the backbone and the base learner."""
     model.train()  # backbone and learner_base stay in eval mode
@@ -287,7 +287,7 @@ def train_meta_learner(model: FewShotModel, store: FeatureStore, sampler: Episod
 
 
 @torch.no_grad()
-def validate(model: FewShotModel, cfg, device: torch.device, writer: SummaryWriter) -> dict:
+def validate(model: PrototypeModel, cfg, device: torch.device, writer: SummaryWriter) -> dict:
     """The meta-test protocol's scores on ``val_episodes`` novel-class episodes (seed manual_seed)."""
     model.eval()
     val_cfg = type(cfg)(cfg, test_num=cfg.val_episodes, episode_file="")

@@ -95,7 +95,7 @@ def vgg_layers() -> list[nn.Module]:
     return [nn.Sequential(*features[a:b]) for a, b in VGG_STAGES]
 
 
-def _bottleneck_tap(block: Bottleneck, x: Tensor) -> tuple[Tensor, Tensor]:
+def bottleneck_tap(block: Bottleneck, x: Tensor) -> tuple[Tensor, Tensor]:
     """A bottleneck's output before its final ReLU (the map MSANet correlates), and after."""
     out = block.relu(block.bn1(block.conv1(x)))
     out = block.relu(block.bn2(block.conv2(out)))
@@ -103,7 +103,7 @@ def _bottleneck_tap(block: Bottleneck, x: Tensor) -> tuple[Tensor, Tensor]:
     return pre, F.relu(pre)
 
 
-def _linear_block_tap(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+def linear_block_tap(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """MobileNetV2 blocks end without an activation: the tap is the output."""
     out = block(x)
     return out, out
@@ -119,7 +119,7 @@ def run_blocks(layers: list[nn.Module], x: Tensor, with_taps: bool) -> tuple[lis
             if not with_taps:
                 feat = block(feat)
                 continue
-            tap, feat = (_bottleneck_tap if isinstance(block, Bottleneck) else _linear_block_tap)(block, feat)
+            tap, feat = (bottleneck_tap if isinstance(block, Bottleneck) else linear_block_tap)(block, feat)
             if stage_index > 1 or block_index == len(stage) - 1:
                 taps.append(tap)
         stages.append(feat)

@@ -5,14 +5,14 @@ import torch
 from torch import Tensor
 
 from model.backbones import Features
-from model.base import FewShotModel, Guidance, ShotStats
+from model.prototype import Guidance, PrototypeModel, ShotStats
 from model.ops import cosine_prior, resize
 
 # Features.cache key of support maps handed in by training: [masks at layer3's size, layer4 maps]
 MASKED_LAYER4 = "masked_layer4"
 
 
-class BAM(FewShotModel):
+class BAM(PrototypeModel):
     def __init__(self, backbone: str, shot: int, num_base_classes: int, reduce_dim: int = 256,
                  kshot_trans_dim: int = 2, zoom_factor: int = 8, base_width: int = 512):
         super().__init__(backbone, shot, num_base_classes, 1, reduce_dim, kshot_trans_dim, zoom_factor,

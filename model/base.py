@@ -1,80 +1,71 @@
-"""What MSANet and BAM share: backbone, base learner, meta-learner head, ensemble, k-shot weights.
+"""The five steps a few-shot segmenter exposes so that EFTNet can adapt it (docs/plugging_in.md).
 
-A prediction is computed in steps that EFTNet reuses separately:
+A prediction of a query from K annotated supports is computed in steps that EFTNet reuses
+separately within an episode:
 
-1. ``extract(images)``: frozen backbone features, computed once per image and episode;
-2. ``match(query, supports, masks)``: parameter-free support statistics per shot
-   (prior, Gram distance, correlations, resized masks), cacheable while masks stay fixed;
-3. ``embed(supports)`` + ``guide(stats, embeddings)``: the trainable support guidance
-   (prototype, prior, ...) combined over shots;
-4. ``decode(query, guidance)``: meta learner, base learner and ensemble.
+1. ``extract(images)``: frozen features, computed once per image and episode. The result knows
+   its batch size (``.batch``) and slices along it (``features[i:j]``).
+2. ``match(query, support, masks)``: parameter-free statistics of every (query, support shot)
+   pair, a :class:`ShotTable` laid out [B, K, ...]; ``matcher`` gives the same for fixed images
+   and masks that change from call to call (EFTNet's rounds), and may keep work between calls.
+3. ``embed(images)`` + ``guide(stats, embeddings)``: the trainable per-image encoding of the
+   supports (may be empty) and the guidance of the decoder, a :class:`Blendable`.
+4. ``decode(query, guidance)``: the :class:`Prediction`.
+
+Besides the steps, a model names the modules EFTNet fine-tunes (``adapted_modules``), the ones
+that always stay in eval mode (``frozen_modules``) and the loss of a fine-tuning step
+(``adaptation_loss``). EFTNet knows nothing else of the model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.backbones import BACKBONES, Features, imagenet_key
-from model.contract import check_forward_inputs
-from model.ops import gram_distance, gram_matrix, resize, weighted_gap
-from model.pspnet import base_learner, output_size
-from model.similarity import CacheBudget
-
-# Modules EFTNet fine-tunes, in the reference optimizer's group order (kshot_rw only for K > 1).
-ADAPTED_MODULES = ("down_query", "down_supp", "init_merge", "ASPP_meta", "res1_meta", "res2_meta",
-                   "cls_meta", "gram_merge", "cls_merge", "kshot_rw")
-BACKBONE_MODULES = ("layer0", "layer1", "layer2", "layer3", "layer4")
-# Backbone and base learner: what a PSPNet base file holds, frozen during meta-learning.
-FROZEN_MODULES = (*BACKBONE_MODULES, "learner_base")
-BASE_LOGITS = "base_low"  # Features.cache key of the base learner's logits at feature resolution
+from model.contract import IGNORE, check_forward_inputs
 
 
 @dataclass
 class Prediction:
-    """Model outputs at input resolution: ``final`` [B,2,S,S] (ensemble, not logits),
-    ``meta`` [B,2,S,S] logits and ``base`` [B,C_base,S,S] logits."""
+    """Model outputs at input resolution. ``final`` [B,2,S,S]: the model's answer, whose argmax
+    is the predicted mask (EFTNet's pseudo labels and q2s confidence read it); ``meta``
+    [B,2,S,S]: logits of the adapted part; ``base`` [B,C_base,S,S]: logits of a frozen base
+    learner over the base classes, None for a model without one."""
 
     final: Tensor
     meta: Tensor
-    base: Tensor
+    base: Optional[Tensor] = None
 
 
-@dataclass
-class ShotStats:
-    """Parameter-free statistics of each (query, support shot) pair, every field [B, K, ...]."""
+class ShotTable:
+    """A dataclass of tensors laid out [B, K, ...] (query, support shot); fields may be None.
 
-    est: Tensor                      # Gram distance [B, K]
-    prior: Tensor                    # [B, K, 1, N, N]
-    mask_proto: Tensor               # support mask, bilinear at the feature size [B, K, 1, N, N]
-    mask_gam: Optional[Tensor] = None    # MSANet: nearest-resized mask for GAM
-    corr_l2: Optional[Tensor] = None     # MSANet: correlation maps per level [B, K, n, h, w]
-    corr_l3: Optional[Tensor] = None
-    corr_l4: Optional[Tensor] = None
+    EFTNet builds its square tables of the supports against each other from these rows and
+    columns (s2q: each support in turn segmented with the query in its own slot)."""
 
-    def _map(self, fn, *others: "ShotStats") -> "ShotStats":
+    def _map(self, fn: Callable[..., Tensor], *others: "ShotTable") -> Any:
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
             values[f.name] = None if value is None else fn(value, *(getattr(o, f.name) for o in others))
-        return ShotStats(**values)
+        return type(self)(**values)
 
     @staticmethod
-    def cat(parts: list["ShotStats"], dim: int = 1) -> "ShotStats":
-        """Join statistics along the shot axis (dim 1) or the query axis (dim 0)."""
+    def cat(parts: list[Any], dim: int = 1) -> Any:
+        """Join tables along the shot axis (dim 1) or the query axis (dim 0)."""
         return parts[0]._map(lambda *ts: torch.cat(ts, dim), *parts[1:])
 
-    def shot(self, k: int) -> "ShotStats":
+    def shot(self, k: int) -> Any:
         return self._map(lambda t: t[:, k:k + 1])
 
-    def diagonal(self) -> "ShotStats":
+    def diagonal(self) -> Any:
         """Entry [i, i] of a square [K, K] table, as [K, 1]."""
         return self._map(lambda t: t.diagonal(0, 0, 1).movedim(-1, 0).unsqueeze(1))
 
-    def replace_diagonal(self, other: "ShotStats") -> "ShotStats":
+    def replace_diagonal(self, other: Any) -> Any:
         """Square [K, K] table with entry [i, i] taken from ``other`` [K, 1]."""
         def swap(t: Tensor, o: Tensor) -> Tensor:
             eye = torch.eye(t.shape[0], dtype=torch.bool, device=t.device)
@@ -82,200 +73,78 @@ class ShotStats:
         return self._map(swap, other)
 
 
-@dataclass
-class Guidance:
-    """Support guidance for the decoder, combined over shots. ``est`` comes from the real
-    supports only and is never blended; the other fields are (MSANet) or may be None (BAM)."""
+class Blendable:
+    """A dataclass of guidance tensors that EFTNet mixes: ``w0 * self + w1 * other`` field by
+    field (broadcast, so that a one-shot ``other`` is mixed into every shot of ``self``), except
+    the fields named in ``UNBLENDED`` (kept from ``self``) and the fields that are None."""
 
-    prototype: Tensor                # [B, C, 1, 1]
-    prior: Tensor                    # [B, 1, N, N]
-    est: Tensor                      # [B, 1, 1, 1]
-    hyper: Optional[Tensor] = None   # [B, 64, N, N]
-    gam: Optional[Tensor] = None     # [B, C, N, N]
+    UNBLENDED: ClassVar[tuple[str, ...]] = ()
 
-    def blend(self, other: "Guidance", weights: tuple[float, float]) -> "Guidance":
-        """w0 * self + w1 * other on every field but ``est`` (EFTNet's q2s/s2q mixing)."""
+    def blend(self, other: Any, weights: tuple[float, float]) -> Any:
         w0, w1 = weights
         mixed = {f.name: getattr(self, f.name) * w0 + getattr(other, f.name) * w1
-                 for f in fields(self) if f.name != "est" and getattr(self, f.name) is not None}
+                 for f in fields(self) if f.name not in self.UNBLENDED and getattr(self, f.name) is not None}
         return replace(self, **mixed)
 
 
 class FewShotModel(nn.Module):
-    """Backbone + base learner + meta learner shared by MSANet and BAM (keys as released)."""
+    """A few-shot segmenter in the five steps EFTNet reuses; ``forward`` chains them.
 
-    def __init__(self, backbone: str, shot: int, num_base_classes: int, merge_channels: int,
-                 reduce_dim: int = 256, kshot_trans_dim: int = 2, zoom_factor: int = 8,
-                 kshot_order_quirk: bool = False, base_width: int = 512):
-        super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {backbone!r}: expected one of {sorted(BACKBONES)}")
-        self.backbone = backbone
-        self.spec = BACKBONES[backbone]
-        self.shot = shot
-        self.zoom_factor = zoom_factor
-        self.kshot_order_quirk = kshot_order_quirk
-        self.is_vgg = backbone == "vgg"
-        self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = self.spec.build()
-        self.learner_base = base_learner(self.spec.fea_dim, num_base_classes + 1, base_width)
-        mid_dim = self.spec.mid_dim
+    ``shot``: the number of supports the model was built for (1 also always works)."""
 
-        def reduce() -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(mid_dim, reduce_dim, 1, bias=False), nn.ReLU(inplace=True),
-                                 nn.Dropout2d(p=0.5))
+    shot: int = 1
 
-        self.down_query, self.down_supp = reduce(), reduce()
-        self.init_merge = nn.Sequential(nn.Conv2d(reduce_dim * 2 + merge_channels, reduce_dim, 1, bias=False),
-                                        nn.ReLU(inplace=True))
-        self.ASPP_meta = ASPP(reduce_dim)
-        self.res1_meta = nn.Sequential(nn.Conv2d(reduce_dim * 5, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
-        self.res2_meta = nn.Sequential(
-            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False), nn.ReLU(inplace=True))
-        self.cls_meta = nn.Sequential(
-            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Dropout2d(p=0.1), nn.Conv2d(reduce_dim, 2, 1))
-        self.gram_merge = nn.Conv2d(2, 1, 1, bias=False)
-        self.cls_merge = nn.Conv2d(2, 1, 1, bias=False)
-        with torch.no_grad():  # both start as "take the first input"
-            self.gram_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
-            self.cls_merge.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
-        if shot > 1:
-            self.kshot_rw = nn.Sequential(nn.Conv2d(shot, kshot_trans_dim, 1), nn.ReLU(inplace=True),
-                                          nn.Conv2d(kshot_trans_dim, shot, 1))
+    # ---- 1. frozen features ---------------------------------------------------------------
+    def extract(self, images: Tensor) -> Any:
+        """Features of [N,3,S,S] images, with ``.batch`` and batch slicing (no autograd)."""
+        raise NotImplementedError
 
-    # ---- 1. frozen features -------------------------------------------------------------
-    with_taps = False
-
-    @torch.no_grad()
-    def extract(self, images: Tensor) -> Features:
-        """Backbone features of [N,3,S,S] images (no autograd: the backbone is frozen)."""
-        layers = [self.layer0, self.layer1, self.layer2, self.layer3, self.layer4]
-        stages, taps = self.spec.run(layers, images, self.with_taps)
-        l2, l3, l4 = stages[2:]
-        mid = torch.cat([l3, resize(l2, l3.shape[-2:]) if self.is_vgg else l2], 1)
-        return Features(l2, l3, l4, mid, taps, tuple(images.shape[-2:]))
-
-    @torch.no_grad()
-    def stage(self, images: Tensor, name: str) -> Tensor:
-        """One backbone stage's output (``layer0`` .. ``layer4``), without running the later
-        stages or taking taps: what training the base learner reads."""
-        layers = [getattr(self, n) for n in BACKBONE_MODULES[:BACKBONE_MODULES.index(name) + 1]]
-        return self.spec.run(layers, images, False)[0][-1]
-
-    @staticmethod
-    def cached(feats: Features, key: str, compute):
-        """``compute(feats)`` once per Features object (frozen inputs, so never stale)."""
-        if key not in feats.cache:
-            with torch.no_grad():
-                feats.cache[key] = compute(feats)
-        return feats.cache[key]
-
-    def gram(self, feats: Features) -> Tensor:
-        """Gram matrix of the low-level features."""
-        return self.cached(feats, "gram", lambda f: gram_matrix(self.gram_input(f)))
-
-    def gram_input(self, feats: Features) -> Tensor:
-        return feats.layer2
-
-    def base_prediction(self, feats: Features) -> Tensor:
-        """Frozen base-learner logits at input resolution."""
-        size = [output_size(s, self.zoom_factor) for s in feats.image_size]
-        return self.cached(feats, "base", lambda f: resize(self.learner_base_low(f), size))
-
-    # ---- 2. parameter-free statistics ---------------------------------------------------
-    def match(self, query: Features, support: Features, masks: Tensor) -> ShotStats:
-        """Statistics of each query against its K supports. ``masks`` [Bs,K,S,S] (1 = fg);
+    # ---- 2. parameter-free statistics -----------------------------------------------------
+    def match(self, query: Any, support: Any, masks: Tensor) -> ShotTable:
+        """Statistics of each query against its K supports. ``masks`` [Bs,K,S,S] (0/1/255);
         ``support`` holds Bs*K images, Bs equal to the query batch or 1 (shared)."""
         raise NotImplementedError
 
-    def matcher(self, query: Features, support: Features,
-                budget: Optional[CacheBudget] = None) -> Callable[[Tensor], ShotStats]:
+    def matcher(self, query: Any, support: Any, budget: Optional[Any] = None) -> Callable[[Tensor], ShotTable]:
         """``match`` for fixed images and masks that change from call to call (EFTNet's
-        rounds); a model may keep work between calls within ``budget`` (bytes)."""
+        rounds); a model may keep work between calls within ``budget`` (a CacheBudget)."""
         return lambda masks: self.match(query, support, masks)
 
-    def _est(self, query: Features, support: Features, bs: int) -> Tensor:
-        support_gram = self.gram(support)
-        return gram_distance(self.gram(query), support_gram.reshape(bs, -1, *support_gram.shape[1:]))
-
-    # ---- 3. trainable guidance ----------------------------------------------------------
-    def embed(self, support: Features) -> Tensor:
-        """down_supp features of support images [N, C, h, w]."""
-        return self.down_supp(support.mid)
-
-    def shot_weights(self, est: Tensor) -> Tensor:
-        """Softmax shot weights [B, K] from the Gram distances (all ones for one shot)."""
-        k = est.shape[1]
-        if k == 1:
-            return torch.ones_like(est)
-        if k != self.shot:
-            raise ValueError(f"this model was built for {self.shot} shots, got {k} supports")
-        sorted_est, order = est.sort(1)
-        weight = self.kshot_rw(sorted_est[..., None, None]).flatten(1)
-        if not self.kshot_order_quirk:  # map each weight back to the support it was computed for
-            weight = weight.gather(1, order.argsort(1))
-        # MSANet's quirk: weights computed in sorted order are applied in the original order.
-        return weight.softmax(1)
-
-    def guide(self, stats: ShotStats, embeddings: Tensor) -> Guidance:
-        """Combine the K shots of ``stats`` with support embeddings [B, K, C, h, w]."""
+    # ---- 3. trainable guidance ------------------------------------------------------------
+    def embed(self, images: Any) -> Tensor:
+        """Trainable encoding of support images [N, ...]; [N, 0] for a model without one."""
         raise NotImplementedError
 
-    def _prototype_prior_est(self, stats: ShotStats, embeddings: Tensor) -> tuple[Tensor, ...]:
-        weights = self.shot_weights(stats.est)                                      # [B, K]
-        prototypes = weighted_gap(embeddings.flatten(0, 1), stats.mask_proto.flatten(0, 1))
-        prototypes = prototypes.reshape(*weights.shape, -1, 1, 1)
-        w = weights[..., None, None, None]
-        prototype = (w * prototypes).sum(1)
-        prior = (w * stats.prior).sum(1)
-        est = (weights * stats.est).sum(1).view(-1, 1, 1, 1)
-        return prototype, prior, est
-
-    # ---- 4. decoding --------------------------------------------------------------------
-    def merge_inputs(self, guidance: Guidance) -> list[Tensor]:
-        """Guidance maps concatenated after the query feature and the tiled prototype."""
+    def guide(self, stats: ShotTable, embeddings: Tensor) -> Blendable:
+        """Guidance from the K shots of ``stats`` and support embeddings [B, K, ...]."""
         raise NotImplementedError
 
-    def decode(self, query: Features, guidance: Guidance, exclude: Optional[Tensor] = None) -> Prediction:
-        """Meta learner on the query plus guidance, base learner, ensemble. ``exclude`` [B]
-        (meta-training only) names the base channel of the episode's own class, which is left
-        out of the base map as in BAM's training."""
-        query_feat = self.down_query(query.mid)
-        merged = torch.cat([query_feat, guidance.prototype.expand_as(query_feat), *self.merge_inputs(guidance)], 1)
-        x = self.res1_meta(self.ASPP_meta(self.init_merge(merged)))
-        x = self.res2_meta(x) + x
-        meta = self.cls_meta(x)
-        base = self.base_prediction(query)
-        final = self.ensemble(meta, self.learner_base_low(query), guidance.est, exclude)
-        size = base.shape[-2:]
-        return Prediction(resize(final, size), resize(meta, size), base)
+    # ---- 4. decoding ----------------------------------------------------------------------
+    def decode(self, query: Any, guidance: Blendable) -> Prediction:
+        raise NotImplementedError
 
-    def learner_base_low(self, query: Features) -> Tensor:
-        """Base-learner logits at feature resolution (the ensemble works there)."""
-        return self.cached(query, BASE_LOGITS, lambda f: self.learner_base(f.layer4))
+    # ---- what EFTNet adapts ---------------------------------------------------------------
+    def adapted_modules(self) -> list[nn.Module]:
+        """The modules EFTNet fine-tunes, one SGD parameter group each."""
+        raise NotImplementedError
 
-    @staticmethod
-    def keep_base_logits(feats: Features, logits: Tensor) -> None:
-        """Hand in the frozen base learner's logits of ``feats`` at feature resolution, computed
-        earlier (training keeps them for every image), so that decoding does not recompute them."""
-        feats.cache[BASE_LOGITS] = logits
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules kept in eval mode whatever ``train(mode)`` says (e.g. a frozen backbone)."""
+        return []
 
-    def ensemble(self, meta: Tensor, base: Tensor, est: Tensor, exclude: Optional[Tensor] = None) -> Tensor:
-        """BAM ensemble: Gram-adjusted meta probabilities, background merged with base classes."""
-        meta_soft = meta.softmax(1)
-        base_soft = base.softmax(1)
-        base_map = base_soft[:, 1:].sum(1, True)
-        if exclude is not None:
-            base_map = base_map - base_soft.gather(1, exclude.view(-1, 1, 1, 1).expand(-1, 1, *base.shape[-2:]))
-        est_map = est.expand_as(meta_soft[:, 1:])
-        bg = self.gram_merge(torch.cat([meta_soft[:, :1], est_map], 1))
-        fg = self.gram_merge(torch.cat([meta_soft[:, 1:], est_map], 1))
-        return torch.cat([self.cls_merge(torch.cat([bg, base_map], 1)), fg], 1)
+    def foreground_probability(self, prediction: Prediction) -> Tensor:
+        """[B,S,S] confidence in the foreground that EFTNet's q2s mask ranks: the softmax of
+        ``final`` (the reference's, applied to its ensemble output)."""
+        return prediction.final.softmax(1)[:, 1]
 
-    # ---- the plain model ----------------------------------------------------------------
+    def adaptation_loss(self, prediction: Prediction, label: Tensor, aux_weight: float) -> Tensor:
+        """Loss of one fine-tuning step towards ``label`` [B,S,S] (255 ignored): cross-entropy
+        of the adapted part's logits; ``aux_weight`` is for models with a second output."""
+        return F.cross_entropy(prediction.meta, label, ignore_index=IGNORE)
+
+    # ---- the plain model ------------------------------------------------------------------
     def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Prediction:
-        """Base-model prediction: query [B,3,S,S], supports [B,K,3,S,S], masks [B,K,S,S] (0/1/255)."""
+        """Prediction of query [B,3,S,S] from supports [B,K,3,S,S] under masks [B,K,S,S] (0/1/255)."""
         check_forward_inputs(self, query_img, support_imgs, support_masks)
         query = self.extract(query_img)
         support = self.extract(support_imgs.flatten(0, 1))
@@ -283,38 +152,9 @@ class FewShotModel(nn.Module):
         embeddings = self.embed(support)
         return self.decode(query, self.guide(stats, embeddings.reshape(*support_masks.shape[:2], *embeddings.shape[1:])))
 
-    def imagenet_backbone_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """An ImageNet file's state_dict under this model's ``layer0..4`` keys (classifier dropped)."""
-        return {new: v for k, v in state.items() if (new := imagenet_key(k, self.backbone)) is not None}
-
-    def adapted_modules(self) -> list[nn.Module]:
-        """The meta-learner modules EFTNet fine-tunes (the reference optimizer's groups)."""
-        return [getattr(self, name) for name in ADAPTED_MODULES if hasattr(self, name)]
-
     def train(self, mode: bool = True) -> "FewShotModel":
-        """Frozen parts (backbone, base learner) stay in eval mode whatever ``mode`` is."""
+        """Frozen modules stay in eval mode whatever ``mode`` is."""
         super().train(mode)
-        for name in FROZEN_MODULES:
-            getattr(self, name).eval()
+        for module in self.frozen_modules():
+            module.eval()
         return self
-
-
-class ASPP(nn.Module):
-    """Five parallel branches (global pool, 1x1, 3x3 at dilation 6/12/18), each conv + ReLU."""
-
-    def __init__(self, channels: int = 256):
-        super().__init__()
-        self.layer6_0 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU())
-        self.layer6_1 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU())
-        self.layer6_2 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=6, dilation=6), nn.ReLU())
-        self.layer6_3 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=12, dilation=12), nn.ReLU())
-        self.layer6_4 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=18, dilation=18), nn.ReLU())
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        size = x.shape[-2:]
-        pooled = self.layer6_0(F.avg_pool2d(x, kernel_size=size)).expand(-1, -1, *size)
-        return torch.cat([pooled, self.layer6_1(x), self.layer6_2(x), self.layer6_3(x), self.layer6_4(x)], 1)
-

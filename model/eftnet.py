@@ -29,11 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from model.backbones import Features
-from model.base import FewShotModel, Guidance, Prediction, ShotStats
+from model.base import Blendable, FewShotModel, Prediction, ShotTable
 from model.contract import IGNORE, check_adapt_inputs
 from model.round_selection import RULES, ROUND_RULES, S2Q, VOTE_RULES
 from model.similarity import CacheBudget
@@ -95,13 +93,13 @@ def pseudo_label(final: Tensor, padding: Optional[Tensor]) -> Tensor:
     return label
 
 
-def confident_foreground(final: Tensor, fraction: float) -> Tensor:
-    """The q2s support mask: the top ``fraction`` of the predicted foreground, by confidence.
+def confident_foreground(prob: Tensor, fraction: float) -> Tensor:
+    """The q2s support mask: the top ``fraction`` of the predicted foreground (``prob`` > 0.5,
+    [B,S,S], ``FewShotModel.foreground_probability``), by confidence.
 
     With fewer foreground pixels than 1 / fraction the reference's index is 0 and its
     threshold becomes the smallest value of the zero-filled map, so every pixel is kept.
     """
-    prob = final.softmax(1)[:, 1]
     filtered = torch.where(prob > 0.5, prob, torch.zeros_like(prob)).flatten()
     keep = int(int((filtered > 0).sum()) * fraction)
     threshold = filtered.kthvalue(filtered.numel() - keep + 1).values if keep > 0 else filtered.min()
@@ -219,7 +217,7 @@ class EFTNet:
         query, supports = model.extract(query_img), model.extract(support_imgs)
         with torch.no_grad():  # parameter-free statistics of the fixed support masks: once per episode
             real = model.match(query, supports, support_masks)
-            pairs = ShotStats.cat([model.match(supports[k:k + 1], supports, support_masks)
+            pairs = ShotTable.cat([model.match(supports[k:k + 1], supports, support_masks)
                                    for k in range(supports.batch)], dim=0)
             zero = model.decode(query, model.guide(real, model.embed(supports)[None]))
         cache_bytes = int(self.settings.similarity_cache_mb * 2**20)
@@ -236,25 +234,24 @@ class EFTNet:
         state, zero = self._prepare(query_img, support_imgs, support_masks)
         optimizer = torch.optim.SGD([{"params": g} for g in self.groups], lr=s.base_lr,
                                     momentum=s.momentum, weight_decay=s.weight_decay)
-        previous, bases = zero.final, []
+        previous, bases = zero, []
         losses, rounds, stopped = [], [], False
         for index in range(s.rounds):
             for group in optimizer.param_groups:
                 group["lr"] = round_learning_rate(s.base_lr, s.rounds, index, s.power)
-            label = pseudo_label(previous, padding)
+            label = pseudo_label(previous.final, padding)
             steps = index < s.rounds - 1  # the last step's weights would never be scored
             with torch.set_grad_enabled(steps):
                 embeds = model.embed(state.supports), model.embed(state.query)
                 score = self._s2q_score(state, query_mask if s.query_mask_source == "ground_truth" else label, *embeds)
-                mask = confident_foreground(previous, s.q2s_fraction)
+                mask = confident_foreground(model.foreground_probability(previous), s.q2s_fraction)
                 prediction = self._q2s(state, mask, *embeds)
             rounds.append(Round(prediction.final.detach(), prediction.meta.detach(), mask, score))
             bases.append(prediction.base)
             if observer is not None:
                 observer(RoundProbe(index + 1, lambda m, e=embeds: self._s2q_score(state, m, *e)))
             if steps:
-                loss = (F.cross_entropy(prediction.final, label, ignore_index=IGNORE)
-                        + s.aux_weight * F.cross_entropy(prediction.meta, label, ignore_index=IGNORE))
+                loss = model.adaptation_loss(prediction, label, s.aux_weight)
                 losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
                     stopped = True
@@ -262,7 +259,7 @@ class EFTNet:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            previous = prediction.final.detach()
+            previous = Prediction(prediction.final.detach(), prediction.meta.detach())
         scores = [r.score for r in rounds]
         votes = {name: rule([r.final for r in rounds], scores) for name, rule in VOTE_RULES.items()}
         if s.round_selection in VOTE_RULES:
@@ -299,9 +296,10 @@ class EFTNet:
         model = self.model
         k = state.supports.batch
         different = state.pairs.replace_diagonal(state.s2q_match(query_mask[:, None]))     # [K, K]
-        eye = torch.eye(k, dtype=torch.bool, device=support_embed.device).view(k, k, 1, 1, 1)
-        different_embed = torch.where(eye, query_embed[None], support_embed[None].expand(k, -1, -1, -1, -1))
-        guidance: Guidance = model.guide(different, different_embed).blend(
+        eye = torch.eye(k, dtype=torch.bool, device=support_embed.device)
+        eye = eye.view(k, k, *[1] * (support_embed.dim() - 1))
+        different_embed = torch.where(eye, query_embed[None], support_embed[None].expand(k, *support_embed.shape))
+        guidance: Blendable = model.guide(different, different_embed).blend(
             model.guide(state.pairs.diagonal(), support_embed[:, None]), self.settings.blend)
         prediction = model.decode(state.supports, guidance)
         return float(foreground_iou(prediction.final, state.support_masks[0]).mean())
@@ -311,10 +309,10 @@ class EFTNet:
 class _State:
     """What stays fixed within an episode: features, the support statistics, the matchers."""
 
-    query: Features
-    supports: Features
+    query: Any                            # the model's features (``extract``)
+    supports: Any
     support_masks: Tensor
-    real: ShotStats                       # the query against the real supports
-    pairs: ShotStats                      # each support against all supports [K, K]
-    q2s_match: Callable[[Tensor], ShotStats]   # the query against itself under a mask
-    s2q_match: Callable[[Tensor], ShotStats]   # each support against the query under a mask
+    real: ShotTable                       # the query against the real supports
+    pairs: ShotTable                      # each support against all supports [K, K]
+    q2s_match: Callable[[Tensor], ShotTable]   # the query against itself under a mask
+    s2q_match: Callable[[Tensor], ShotTable]   # each support against the query under a mask

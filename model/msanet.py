@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from model import similarity
 from model.backbones import Features
-from model.base import FewShotModel, Guidance, ShotStats
+from model.prototype import Guidance, PrototypeModel, ShotStats
 from model.ops import CORRELATION_EPS, chained_masks, cosine_prior, masked_correlation, resize, unit_vectors
 from model.similarity import CacheBudget, SimilarityColumns
 
@@ -32,7 +32,7 @@ class GuidedAttention(nn.Module):
         return self.gate(F.adaptive_avg_pool2d(feat * mask, 1)) * feat
 
 
-class MSANet(FewShotModel):
+class MSANet(PrototypeModel):
     with_taps = True
 
     def __init__(self, backbone: str, shot: int, num_base_classes: int, reduce_dim: int = 256,

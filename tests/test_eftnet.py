@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import model.eftnet as eftnet
 from model import BAM, MSANet
-from model.base import ADAPTED_MODULES, Guidance
+from model.prototype import ADAPTED_MODULES, Guidance
 from model.eftnet import (EFTNet, EFTNetSettings, confident_foreground, foreground_iou, pseudo_label,
                           round_learning_rate)
 from model.round_selection import best_round
@@ -157,7 +157,7 @@ def direct_q2s(model, episode: SimpleNamespace, previous: torch.Tensor):
     the top-20 % mask of ``previous``."""
     query = model.extract(episode.query)
     supports = model.extract(episode.supports[0])
-    mask = confident_foreground(previous, 0.2)
+    mask = confident_foreground(previous.softmax(1)[:, 1], 0.2)
     real = model.guide(model.match(query, supports, episode.masks), model.embed(supports)[None])
     query_as_support = model.extract(episode.query)
     same = model.guide(model.match(query, query_as_support, mask[:, None]), model.embed(query_as_support)[None])
@@ -296,20 +296,20 @@ def test_confident_foreground_keeps_the_top_fifth_of_the_foreground():
     scores = -torch.rand(400, generator=g) - 0.1          # background everywhere ...
     position = torch.randperm(400, generator=g)[:199]
     scores[position] = torch.linspace(0.1, 4.0, 199)      # ... but 199 distinct fg pixels
-    mask = confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2)
+    mask = confident_foreground(map_with_foreground(scores.view(20, 20)).softmax(1)[:, 1], 0.2)
     assert mask.shape == (1, 20, 20) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) == {0.0, 1.0}
     kept = mask.flatten().nonzero().flatten()
     assert sorted(kept.tolist()) == sorted(position[-39:].tolist())   # floor(0.2 * 199) = 39
     # Another fraction reads the same way: floor(0.5 * 199) = 99.
-    assert int(confident_foreground(map_with_foreground(scores.view(20, 20)), 0.5).sum()) == 99
+    assert int(confident_foreground(map_with_foreground(scores.view(20, 20)).softmax(1)[:, 1], 0.5).sum()) == 99
 
 
 def test_confident_foreground_includes_ties_at_the_threshold():
     scores = torch.full((400,), -1.0)
     scores[:199] = torch.linspace(0.1, 4.0, 199)
     scores[157:160] = scores[160]     # the 39th largest value, now shared by three more pixels
-    mask = confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2).flatten()
+    mask = confident_foreground(map_with_foreground(scores.view(20, 20)).softmax(1)[:, 1], 0.2).flatten()
     assert int(mask.sum()) == 42
     assert mask[157:199].all() and not mask[:157].any() and not mask[199:].any()
 
@@ -318,20 +318,20 @@ def test_confident_foreground_includes_ties_at_the_threshold():
 def test_confident_foreground_with_under_five_fg_pixels_keeps_the_whole_canvas(n_fg):
     scores = torch.full((400,), -2.0)
     scores[:n_fg] = 3.0
-    assert torch.equal(confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2),
+    assert torch.equal(confident_foreground(map_with_foreground(scores.view(20, 20)).softmax(1)[:, 1], 0.2),
                        torch.ones(1, 20, 20))
 
 
 def test_confident_foreground_with_five_fg_pixels_keeps_one():
     scores = torch.full((400,), -2.0)
     scores[:5] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    mask = confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2).flatten()
+    mask = confident_foreground(map_with_foreground(scores.view(20, 20)).softmax(1)[:, 1], 0.2).flatten()
     assert mask.nonzero().flatten().tolist() == [4]
 
 
 def test_confident_foreground_on_an_all_foreground_map():
     scores = torch.linspace(0.1, 4.0, 400)
-    mask = confident_foreground(map_with_foreground(scores.view(20, 20)), 0.2).flatten()
+    mask = confident_foreground(map_with_foreground(scores.view(20, 20)).softmax(1)[:, 1], 0.2).flatten()
     assert mask.nonzero().flatten().tolist() == list(range(320, 400))
 
 

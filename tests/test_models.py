@@ -18,7 +18,8 @@ from torchvision.models.resnet import Bottleneck
 
 from model import BAM, MSANet
 from model.backbones import BACKBONES
-from model.base import FewShotModel, Guidance, Prediction, ShotStats
+from model.base import FewShotModel, Prediction
+from model.prototype import Guidance, ShotStats
 from model.ops import (chained_masks, cosine_prior, gram_distance, gram_matrix, masked_correlation, resize,
                        unit_vectors, weighted_gap)
 

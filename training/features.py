@@ -12,7 +12,7 @@ from tqdm import tqdm
 from dataset.episodes import EpisodeSampler
 from model.backbones import Features
 from model.bam import BAM
-from model.base import FewShotModel
+from model.prototype import PrototypeModel
 from model.contract import IGNORE
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class FeatureStore:
     Fields that are the same tensor (a MobileNetV2 stage output is its last block's tap) are
     stored once."""
 
-    def __init__(self, model: FewShotModel, loader: DataLoader, device: torch.device):
+    def __init__(self, model: PrototypeModel, loader: DataLoader, device: torch.device):
         self.model = model
         self.slots: list[Tensor] = []
         self.slot_of: list[int] = []
@@ -124,7 +124,7 @@ class MaskedLayer4:
             BAM.keep_masked_layer4(support, self.masks[rows].to(device), self.maps[rows].to(device))
 
 
-def layer_maps(model: FewShotModel, loader: DataLoader, device: torch.device, layer: str) -> tuple[Tensor, Tensor]:
+def layer_maps(model: PrototypeModel, loader: DataLoader, device: torch.device, layer: str) -> tuple[Tensor, Tensor]:
     """One backbone stage's maps of every image (float16, on the CPU) and the labels [N, S, S]:
     the base learner's training set, which needs no other field."""
     maps, labels = [], []

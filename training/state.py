@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from model.base import FROZEN_MODULES, FewShotModel
+from model.prototype import FROZEN_MODULES, PrototypeModel
 
 
 def seed_everything(seed: int) -> None:
@@ -18,7 +18,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def frozen(model: FewShotModel, device: torch.device) -> None:
+def frozen(model: PrototypeModel, device: torch.device) -> None:
     """The model on ``device`` in eval mode, its backbone and base learner without gradients
     (stage 1 turns the base learner's on for itself)."""
     model.to(device).eval()
@@ -27,7 +27,7 @@ def frozen(model: FewShotModel, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def round_as_saved(model: FewShotModel) -> None:
+def round_as_saved(model: PrototypeModel) -> None:
     """Round the backbone and base learner to float16, as the files keep them: meta-training then
     sees the base learner that meta-testing loads, whether or not its run trained it."""
     for name in FROZEN_MODULES:
