@@ -167,10 +167,10 @@ def record_files(out: Path, seed: int | str = "*") -> list[Path]:
     return sorted(out.glob(f"records_seed{seed}_rank*.jsonl"))
 
 
-def check_records(out: Path, seeds: list[int], episodes: int) -> None:
+def check_records(out: Path, seeds: list[int], episodes: int, with_base: bool) -> None:
     """Read every records file an earlier run left (DataError on damage); say what a kill cut short."""
     for seed in seeds:
-        for note in RecordFile.read_all(record_files(out, seed), episodes)[1]:
+        for note in RecordFile.read_all(record_files(out, seed), episodes, with_base)[1]:
             log.warning(note)
 
 
@@ -185,14 +185,15 @@ def discard_earlier_run(out: Path) -> None:
 
 
 def prepare_output(out: Path, cfg, fingerprint_text: str, restart: bool,
-                   plans: dict[int, tuple[EpisodeDataset, list[Episode], bool]]) -> None:
+                   plans: dict[int, tuple[EpisodeDataset, list[Episode], bool]], with_base: bool) -> None:
     """Write the run's config snapshot and episode lists into ``out``: with ``restart`` after
-    discarding the earlier run, else after ending each records file with a whole record. Called
-    only once every input has been checked."""
+    discarding the earlier run, else after ending each records file with a whole record
+    (``with_base``: records carry the base learner's counts). Called only once every input has
+    been checked."""
     if restart:
         discard_earlier_run(out)
     for path in record_files(out):
-        RecordFile.repair(path, cfg.test_num)
+        RecordFile.repair(path, cfg.test_num, with_base)
     write_text_atomic(out / "config.json", fingerprint_text)
     for seed, (_, episodes, save) in plans.items():
         if save:
@@ -221,7 +222,8 @@ class Evaluator:
         log.info("loaded %s (%s)", checkpoint_path(cfg), info)
         self.engine = EFTNet(self.model, cfg) if cfg.loop_ft else None
         self.num_novel = len(novel)
-        self.num_base = len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco))
+        with_base = self.model.predicts_base_classes
+        self.num_base = len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)) if with_base else 0
         self.writer = None
 
     def open_output(self, out: Path) -> None:
@@ -249,7 +251,7 @@ class Evaluator:
 
     def records(self, seed: int) -> dict[int, dict]:
         """Every rank's records of ``seed`` read so far, by episode index."""
-        return RecordFile.read_all(record_files(self.out, seed), self.cfg.test_num)[0]
+        return RecordFile.read_all(record_files(self.out, seed), self.cfg.test_num, self.model.predicts_base_classes)[0]
 
     def run_seed(self, seed_index: int, seed: int, dataset: EpisodeDataset) -> Scores:
         cfg, ctx, out = self.cfg, self.ctx, self.out
@@ -314,7 +316,8 @@ class Evaluator:
             if method in summary:
                 self.writer.add_scalar(f"seed/miou_{method}", summary[method]["miou"], seed_index)
                 self.writer.add_scalar(f"seed/fbiou_{method}", summary[method]["fbiou"], seed_index)
-        self.writer.add_scalar("seed/base_miou", summary["base_miou"], seed_index)
+        if summary["base_miou"] is not None:
+            self.writer.add_scalar("seed/base_miou", summary["base_miou"], seed_index)
         if scores.chosen:
             self.writer.add_histogram("rounds/chosen_round_histogram", np.array(scores.chosen), seed_index)
             for r, value in enumerate(per_round_mean(scores.round_scores), start=1):
@@ -393,9 +396,9 @@ def evaluate(args: argparse.Namespace, cfg, ctx: distributed.Context, out: Path,
     seeds = evaluation_seeds(cfg.manual_seed, cfg.num_seeds)
     plans = {seed: seed_episodes(cfg, out, seed, args.restart) for seed in seeds}
     if ctx.main and not args.restart:  # the main rank holds the folder: it reads and reports what is there
-        check_records(out, seeds, cfg.test_num)
+        check_records(out, seeds, cfg.test_num, evaluator.model.predicts_base_classes)
     if ctx.main:  # every input is checked: only now is the output folder written
-        prepare_output(out, cfg, fingerprint_text, args.restart, plans)
+        prepare_output(out, cfg, fingerprint_text, args.restart, plans, evaluator.model.predicts_base_classes)
     ctx.barrier()
     evaluator.open_output(out)
     per_seed: dict[int, dict] = {}

@@ -63,10 +63,11 @@ def episode_record(index: int, batch: dict, zero, eft, num_base_classes: int,
     every round's counts (so that every selection rule can be measured on the same episodes) and
     the ground-truth s2q scores ``gt_scores`` when recorded; ``label_free`` says whether the
     engine's own scores used the pseudo label."""
-    label, base_label = batch["query_mask_orig"][0], batch["query_base_orig"][0]
+    label = batch["query_mask_orig"][0]
     record = {"episode": index, "class_idx": int(batch["class_idx"]),
-              "zero": {"final": _counts(zero.final, label, 2), "meta": _counts(zero.meta, label, 2)},
-              "base": _counts(zero.base, base_label, num_base_classes + 1)}
+              "zero": {"final": _counts(zero.final, label, 2), "meta": _counts(zero.meta, label, 2)}}
+    if zero.base is not None:  # a model with a base learner
+        record["base"] = _counts(zero.base, batch["query_base_orig"][0], num_base_classes + 1)
     if eft is not None:
         record["eftnet"] = {"final": _counts(eft.final, label, 2), "meta": _counts(eft.meta, label, 2)}
         record["rounds"] = {"scores": eft.round_scores, "chosen": eft.chosen_round, "losses": eft.losses,
@@ -89,12 +90,12 @@ def _counts_problem(value: object, name: str) -> Optional[str]:
     return None
 
 
-def record_problem(record: object, episodes: int) -> Optional[str]:
+def record_problem(record: object, episodes: int, with_base: bool = True) -> Optional[str]:
     """What makes ``record`` something other than an episode record of a run of ``episodes``
-    episodes (as ``episode_record`` writes them), or None."""
+    episodes (as ``episode_record`` writes them; ``with_base``: of a model with a base learner), or None."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an episode record"
-    missing = [k for k in ("episode", "class_idx", "zero", "base") if k not in record]
+    missing = [k for k in ("episode", "class_idx", "zero", *(("base",) if with_base else ())) if k not in record]
     if missing:
         return f"no {', '.join(repr(k) for k in missing)} field"
     index = record["episode"]
@@ -115,7 +116,7 @@ def record_problem(record: object, episodes: int) -> Optional[str]:
         needed = ("scores", "chosen", "losses", "stopped_early")
         if not isinstance(rounds, dict) or any(k not in rounds for k in needed):
             return "'rounds' lacks the scores, chosen round, losses or stop flag of the EFTNet rounds"
-    return _counts_problem(record["base"], "base")
+    return _counts_problem(record["base"], "base") if with_base else None
 
 
 class RecordFile:
@@ -141,7 +142,7 @@ class RecordFile:
         return lines, tail
 
     @staticmethod
-    def parse(raw: bytes, episodes: int) -> tuple[Optional[dict], Optional[str]]:
+    def parse(raw: bytes, episodes: int, with_base: bool = True) -> tuple[Optional[dict], Optional[str]]:
         """One line as (record, None), or (None, what is wrong with it)."""
         try:
             record = json.loads(raw.decode("utf-8"))
@@ -149,19 +150,20 @@ class RecordFile:
             return None, "bytes that are not UTF-8 text"
         except json.JSONDecodeError as err:
             return None, f"not JSON ({err.msg})"
-        problem = record_problem(record, episodes)
+        problem = record_problem(record, episodes, with_base)
         return (None, problem) if problem else (record, None)
 
     @staticmethod
-    def read_all(paths: Iterable[Path], episodes: int) -> tuple[dict[int, dict], list[str]]:
+    def read_all(paths: Iterable[Path], episodes: int, with_base: bool = True) -> tuple[dict[int, dict], list[str]]:
         """Records by episode index, and a note for every cut last line (left out: its episode
         runs again). Raises DataError on a line that is not an episode record of a run of
-        ``episodes`` episodes, or an episode recorded twice."""
+        ``episodes`` episodes (``with_base``: with the base learner's counts), or an episode
+        recorded twice."""
         records, seen, notes = {}, {}, []
         for path in paths:
             lines, tail = RecordFile.lines(path)
             for number, raw in enumerate(lines + ([tail] if tail else []), start=1):
-                record, problem = RecordFile.parse(raw, episodes)
+                record, problem = RecordFile.parse(raw, episodes, with_base)
                 if problem and number > len(lines):
                     notes.append(f"{path}, line {number}: the last record was cut short by a kill; it is removed "
                                  "and its episode runs again")
@@ -178,13 +180,13 @@ class RecordFile:
         return records, notes
 
     @staticmethod
-    def repair(path: Path, episodes: int) -> None:
+    def repair(path: Path, episodes: int, with_base: bool = True) -> None:
         """End the file with its last whole record: a cut last line goes (``read_all`` has
         reported it), a whole record that lost only its newline gets it back."""
         _, tail = RecordFile.lines(path)
         if not tail:
             return
-        if RecordFile.parse(tail, episodes)[0] is not None:
+        if RecordFile.parse(tail, episodes, with_base)[0] is not None:
             with open(path, "ab") as f:
                 f.write(b"\n")
         else:
@@ -218,7 +220,7 @@ class Scores:
     def __init__(self, num_novel: int, num_base: int):
         self.meters = {name: FewShotMeter(num_novel) for name in
                        ("zero_final", "zero_meta", "eftnet_final", "eftnet_meta")}
-        self.base = BaseClassMeter(num_base)
+        self.base = BaseClassMeter(num_base) if num_base else None  # 0: the model has no base learner
         self.chosen: list[int] = []
         self.round_scores: list[list[float]] = []
         self.round_losses: list[list[float]] = []
@@ -231,7 +233,8 @@ class Scores:
             for output in ("final", "meta"):
                 if method in record:
                     self.meters[f"{method}_{output}"].add(record["class_idx"], *record_counts(record[method][output]))
-        self.base.add(*record_counts(record["base"]))
+        if self.base is not None:
+            self.base.add(*record_counts(record["base"]))
         if "rounds" in record:
             if record["rounds"]["chosen"] is not None:  # None: a vote rule answered
                 self.chosen.append(record["rounds"]["chosen"])
@@ -240,11 +243,11 @@ class Scores:
             self.stopped_early += int(record["rounds"]["stopped_early"])
 
     def all_reduce(self) -> None:
-        for meter in (*self.meters.values(), self.base):
+        for meter in (*self.meters.values(), *([self.base] if self.base is not None else [])):
             meter.all_reduce()
 
     def summary(self, with_eftnet: bool) -> dict:
-        out = {"episodes": self.episodes, "base_miou": self.base.miou()}
+        out = {"episodes": self.episodes, "base_miou": None if self.base is None else self.base.miou()}
         methods = ("zero", "eftnet") if with_eftnet else ("zero",)
         for method in methods:
             final, meta = self.meters[f"{method}_final"], self.meters[f"{method}_meta"]
@@ -277,6 +280,9 @@ def method_means(per_seed: dict[int, dict], with_eftnet: bool) -> dict[str, dict
 
 def format_table(per_seed: dict[int, dict], with_eftnet: bool) -> str:
     """Per-seed rows plus mean and best, in percent: base model vs EFTNet and the difference,
-    and the base learner's base-class mIoU."""
-    rows = [(str(seed), method_values(s, with_eftnet) + [100 * s["base_miou"]]) for seed, s in per_seed.items()]
-    return side_by_side("seed", rows, with_eftnet, extra="base-cls mIoU", totals=("mean", "best"))
+    and the base learner's base-class mIoU (a model without one: no such column)."""
+    with_base = all(s["base_miou"] is not None for s in per_seed.values())
+    rows = [(str(seed), method_values(s, with_eftnet) + ([100 * s["base_miou"]] if with_base else []))
+            for seed, s in per_seed.items()]
+    return side_by_side("seed", rows, with_eftnet, extra="base-cls mIoU" if with_base else None,
+                        totals=("mean", "best"))

@@ -93,6 +93,9 @@ class FewShotModel(nn.Module):
     ``shot``: the number of supports the model was built for (1 also always works)."""
 
     shot: int = 1
+    backbone_name: str = ""                     # e.g. resnet50, vgg, mobilenetv2
+    backbone_prefixes: tuple[str, ...] = ()     # state_dict keys of the frozen backbone
+    predicts_base_classes: bool = False         # Prediction.base is given (a base learner)
 
     # ---- 1. frozen features ---------------------------------------------------------------
     def extract(self, images: Tensor) -> Any:
@@ -141,6 +144,11 @@ class FewShotModel(nn.Module):
         """Loss of one fine-tuning step towards ``label`` [B,S,S] (255 ignored): cross-entropy
         of the adapted part's logits; ``aux_weight`` is for models with a second output."""
         return F.cross_entropy(prediction.meta, label, ignore_index=IGNORE)
+
+    def unused_checkpoint_keys(self) -> dict[str, tuple[int, ...]]:
+        """Keys (with shapes) that released files of this model carry but the model does not
+        build, e.g. a backbone's ImageNet classifier: checked for shape and dropped on loading."""
+        return {}
 
     # ---- the plain model ------------------------------------------------------------------
     def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Prediction:

@@ -43,6 +43,7 @@ VGG_TAPS = (17, 19, 21, 24, 26, 28, 30)
 MOBILENET_TAPS = tuple(range(4, 17))
 # Blocks per level (stride 8, 16, 32): the learner's input channels.
 LEVELS = {"resnet50": (4, 6, 3), "resnet101": (4, 23, 3), "vgg": (3, 3, 1), "mobilenetv2": (3, 7, 3)}
+WIDTHS = (16, 64, 128)  # the learner's widths in the released models (GroupNorm: multiples of 4)
 # The released files keep the ImageNet classifier of the torchvision backbone.
 UNUSED_HEADS = {
     "resnet50": {"backbone.fc.weight": (1000, 2048), "backbone.fc.bias": (1000,)},
@@ -203,18 +204,19 @@ class HypercorrelationLearner(nn.Module):
     """Squeezes each level's support dims, mixes the levels coarse to fine, averages the
     remaining support positions and decodes logits at twice the finest query size."""
 
-    def __init__(self, levels: tuple[int, int, int]):
+    def __init__(self, levels: tuple[int, int, int], widths: tuple[int, int, int] = WIDTHS):
         super().__init__()
         n2, n3, n4 = levels
-        widths = (16, 64, 128)
+        narrow, middle, wide = widths
         self.encoder_layer4 = squeeze_block(n4, widths, (3, 3, 3), (2, 2, 2))
         self.encoder_layer3 = squeeze_block(n3, widths, (5, 3, 3), (4, 2, 2))
         self.encoder_layer2 = squeeze_block(n2, widths, (5, 5, 3), (4, 4, 2))
-        self.encoder_layer4to3 = squeeze_block(128, (128,) * 3, (3,) * 3, (1,) * 3)
-        self.encoder_layer3to2 = squeeze_block(128, (128,) * 3, (3,) * 3, (1,) * 3)
-        self.decoder1 = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(128, 64, 3, padding=1), nn.ReLU())
-        self.decoder2 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 2, 3, padding=1))
+        self.encoder_layer4to3 = squeeze_block(wide, (wide,) * 3, (3,) * 3, (1,) * 3)
+        self.encoder_layer3to2 = squeeze_block(wide, (wide,) * 3, (3,) * 3, (1,) * 3)
+        self.decoder1 = nn.Sequential(nn.Conv2d(wide, wide, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(wide, middle, 3, padding=1), nn.ReLU())
+        self.decoder2 = nn.Sequential(nn.Conv2d(middle, middle, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(middle, 2, 3, padding=1))
 
     def forward(self, pyramid: list[Tensor]) -> Tensor:
         """[l4, l3, l2] hypercorrelations [N, blocks, hq, wq, hs, ws] -> logits [N, 2, 2*hq2, 2*hq2]."""
@@ -246,15 +248,19 @@ def vote(logits: Tensor) -> Tensor:
 class HSNet(FewShotModel):
     """HSNet with the released key layout (``backbone.*``, ``hpn_learner.*``)."""
 
-    def __init__(self, backbone: str, shot: int = 1):
+    backbone_prefixes = ("backbone.",)
+
+    def __init__(self, backbone: str, shot: int = 1, widths: tuple[int, int, int] = WIDTHS):
         super().__init__()
         if backbone not in LEVELS:
             raise ValueError(f"HSNet backbone must be one of {sorted(LEVELS)}, got {backbone!r}")
+        if len(widths) != 3 or any(w < 4 or w % 4 for w in widths):
+            raise ValueError(f"HSNet widths must be three multiples of 4 (GroupNorm's 4 groups), got {widths!r}")
         self.backbone_name = backbone
         self.shot = shot
         self.levels = LEVELS[backbone]
         self.backbone = build_backbone(backbone)
-        self.hpn_learner = HypercorrelationLearner(self.levels)
+        self.hpn_learner = HypercorrelationLearner(self.levels, tuple(widths))
 
     # ---- 1. ----
     @torch.no_grad()

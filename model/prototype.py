@@ -28,6 +28,7 @@ from model.pspnet import base_learner, output_size
 ADAPTED_MODULES = ("down_query", "down_supp", "init_merge", "ASPP_meta", "res1_meta", "res2_meta",
                    "cls_meta", "gram_merge", "cls_merge", "kshot_rw")
 BACKBONE_MODULES = ("layer0", "layer1", "layer2", "layer3", "layer4")
+BACKBONE_PREFIXES = tuple(f"{name}." for name in BACKBONE_MODULES)
 # Backbone and base learner: what a PSPNet base file holds, frozen during meta-learning.
 FROZEN_MODULES = (*BACKBONE_MODULES, "learner_base")
 BASE_LOGITS = "base_low"  # Features.cache key of the base learner's logits at feature resolution
@@ -63,13 +64,16 @@ class Guidance(Blendable):
 class PrototypeModel(FewShotModel):
     """Backbone + base learner + meta learner shared by MSANet and BAM (keys as released)."""
 
+    backbone_prefixes = BACKBONE_PREFIXES
+    predicts_base_classes = True
+
     def __init__(self, backbone: str, shot: int, num_base_classes: int, merge_channels: int,
                  reduce_dim: int = 256, kshot_trans_dim: int = 2, zoom_factor: int = 8,
                  kshot_order_quirk: bool = False, base_width: int = 512):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}: expected one of {sorted(BACKBONES)}")
-        self.backbone = backbone
+        self.backbone_name = backbone
         self.spec = BACKBONES[backbone]
         self.shot = shot
         self.zoom_factor = zoom_factor
@@ -219,7 +223,7 @@ class PrototypeModel(FewShotModel):
 
     def imagenet_backbone_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """An ImageNet file's state_dict under this model's ``layer0..4`` keys (classifier dropped)."""
-        return {new: v for k, v in state.items() if (new := imagenet_key(k, self.backbone)) is not None}
+        return {new: v for k, v in state.items() if (new := imagenet_key(k, self.backbone_name)) is not None}
 
     def adapted_modules(self) -> list[nn.Module]:
         """The meta-learner modules EFTNet fine-tunes (the reference optimizer's groups)."""

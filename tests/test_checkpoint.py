@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet50, vgg16_bn
 
-from model import BAM, MSANet
+from model import BAM, HSNet, MSANet
 from model.backbones import BACKBONES
 from model.pspnet import PSPNet
 from util.checkpoint import (CheckpointError, CheckpointMismatch, checkpoint_path, load_configured,
@@ -77,21 +77,30 @@ def assert_state_equal(model: nn.Module, expected: dict, prefixes: tuple[str, ..
 
 
 # ---- released key layouts -----------------------------------------------------------------
-def manifest_param(path: Path):
-    """A manifest as a test case; HSNet's are expected to fail (strictly) while no model file here builds it."""
-    if path.stem.startswith("hsnet_"):
-        return pytest.param(path, marks=pytest.mark.xfail(strict=True, reason="no HSNet model is built here"))
-    return path
+HSNET_BACKBONES = {"resnet50": "resnet50", "resnet101": "resnet101", "vgg16": "vgg"}  # manifest name -> ours
 
 
-@pytest.mark.parametrize("manifest", [manifest_param(p) for p in MANIFEST_FILES] or [pytest.param(
+def hsnet_release_shapes(backbone: str) -> dict[str, list[int]]:
+    """Keys and shapes of a released HSNet file as the model expects it: ``module.``-prefixed
+    (DataParallel), the ImageNet head it does not build included."""
+    with torch.device("meta"):  # VGG16's head alone would take 400 MB
+        model = HSNet(backbone)
+    keys = {**shapes(model), **{k: list(v) for k, v in model.unused_checkpoint_keys().items()}}
+    return {f"module.{k}": v for k, v in keys.items()}
+
+
+@pytest.mark.parametrize("manifest", MANIFEST_FILES or [pytest.param(
     None, marks=pytest.mark.skip(reason=f"no manifests at {MANIFESTS} (the shared/ folder beside the repository)"))],
     ids=lambda p: p.stem if p else "none")
 def test_models_match_released_manifests(manifest):
     expected = json.loads(manifest.read_text())
-    name = re.fullmatch(r"(msanet|eftnet|bam)_(pascal|coco)_(\w+)_(\d)shot|pspnet_(pascal|coco)_(\w+)", manifest.stem)
+    name = re.fullmatch(r"(msanet|eftnet|bam)_(pascal|coco)_(\w+)_(\d)shot|pspnet_(pascal|coco)_(\w+)|hsnet_(\w+)",
+                        manifest.stem)
     assert name, f"unexpected manifest name {manifest.name}"
-    arch, data_set, backbone, shot, psp_set, psp_backbone = name.groups()
+    arch, data_set, backbone, shot, psp_set, psp_backbone, hsnet_backbone = name.groups()
+    if hsnet_backbone:
+        assert hsnet_release_shapes(HSNET_BACKBONES[hsnet_backbone]) == expected
+        return
     if arch:
         model = meta_model(arch, backbone, int(shot), BASE_CLASSES[data_set])
     else:
@@ -112,6 +121,32 @@ def test_ddp_checkpoint_with_optimizer_and_epoch(tmp_path):
     info = load_weights(target, path)
     assert info == {"epoch": 47.5, "keys": len(source.state_dict()), "dropped": 0}
     assert_state_equal(target, source.state_dict())
+
+
+def hsnet_release(path: Path, seed: int, head_rows: int = 1000) -> dict:
+    """An HSNet ResNet-50 file as released: DataParallel keys, the ImageNet ``fc`` kept; returns its state."""
+    torch.manual_seed(seed)
+    state = dict(HSNet("resnet50").state_dict())
+    state.update({"backbone.fc.weight": torch.randn(head_rows, 2048), "backbone.fc.bias": torch.randn(head_rows)})
+    torch.save({"epoch": 35, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    return state
+
+
+def test_hsnet_release_loads_every_key_and_drops_the_unused_head(tmp_path):
+    state = hsnet_release(tmp_path / "best_model.pt", seed=1)
+    target = HSNet("resnet50")
+    info = load_weights(target, tmp_path / "best_model.pt")
+    assert info["epoch"] == 35 and info["keys"] == len(state)
+    assert_state_equal(target, {k: v for k, v in state.items() if not k.startswith("backbone.fc.")})
+
+
+def test_hsnet_release_with_a_wrong_head_or_into_another_arch_refuses(tmp_path):
+    hsnet_release(tmp_path / "odd_head.pt", seed=1, head_rows=10)
+    with pytest.raises(CheckpointMismatch, match=re.escape("wrong shape (2): backbone.fc.weight file [10, 2048] vs model [1000, 2048]")):
+        load_weights(HSNet("resnet50"), tmp_path / "odd_head.pt")
+    hsnet_release(tmp_path / "best_model.pt", seed=1)
+    with pytest.raises(CheckpointMismatch, match="the file is a checkpoint of HSNet, but the model is MSANet: set `arch` to HSNet"):
+        load_weights(small_model(seed=2), tmp_path / "best_model.pt")
 
 
 def test_bare_state_dict_bam_five_shot(tmp_path):

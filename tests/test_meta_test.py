@@ -203,3 +203,30 @@ def test_torchrun_two_processes_equal_one(setup, full_run):
     assert [float(v) for v in seed_numbers(ddp)] == pytest.approx(seed_numbers(results), abs=1e-12)
     assert sorted(p.name for p in out.glob("records_seed510_rank*.jsonl")) == \
         ["records_seed510_rank0.jsonl", "records_seed510_rank1.jsonl"]
+
+
+def test_hsnet_runs_from_a_released_format_file_without_base_learner_numbers(setup):
+    """``--arch HSNet`` with a file saved as HSNet's releases are (DataParallel keys): both
+    methods are measured, and no base-class number is made up for a model without a base learner."""
+    from model import HSNet
+    root, path = setup
+    torch.manual_seed(0)
+    model = HSNet("mobilenetv2", widths=(4, 8, 8))
+    with torch.no_grad():
+        model.hpn_learner.decoder2[-1].bias.copy_(torch.tensor([0.0, 0.3]))  # a mix of fg and bg
+    weights = root / "hsnet_best_model.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, weights)
+    out = root / "hsnet"
+    opts = ("arch", "HSNet", "hsnet_widths", "[4,4,8]", "weight_path", str(weights), "num_seeds", "1", "test_num", "3")
+    with pytest.raises(SystemExit):  # another width than the file's: refused, not loaded partly
+        run(path, out, *opts)
+    opts = opts[:3] + ("[4,8,8]",) + opts[4:]
+    results = run(path, out, *opts, restart=True)
+    summary = results["seeds"][510]
+    assert summary["episodes"] == 3 and summary["base_miou"] is None
+    assert 0 < summary["zero"]["fbiou"] < 1 and len(summary["mean_round_scores"]) == 3
+    records = [json.loads(line) for line in (out / "records_seed510_rank0.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all("base" not in r and "eftnet" in r for r in records)
+    table = (out / "results.txt").read_text()
+    assert "HSNet mobilenetv2 demo fold 0" in table and "mIoU EFTNet" in table and "base-cls" not in table
+    assert seed_numbers(run(path, out, *opts)) == seed_numbers(results)  # resumed: every record read back

@@ -121,8 +121,13 @@ def _backbone(shapes: dict) -> str | None:
     return "mobilenetv2" if "layer1.0.conv.0.0.weight" in shapes else None
 
 
+# Key prefixes only one arch's files have; a meta-model file with none of them is BAM's.
+ARCH_SIGNATURES = {"MSANet": ("gam.", "hyper_final."), "HSNet": ("hpn_learner.",)}
+
+
 def _arch(shapes: dict) -> str:
-    return "MSANet" if any(k.startswith(("gam.", "hyper_final.")) for k in shapes) else "BAM"
+    return next((arch for arch, prefixes in ARCH_SIGNATURES.items()
+                 if any(k.startswith(prefixes) for k in shapes)), "BAM")
 
 
 def _hints(found: dict, expected: dict) -> list[str]:
@@ -147,6 +152,9 @@ def _hints(found: dict, expected: dict) -> list[str]:
         names = [DATASET_OF_BASE_CLASSES.get(c - 1, "?") for c in (file_c, model_c)]
         hints.append(f"the base learner has {file_c - 1} base classes in the file ({names[0]}) and "
                      f"{model_c - 1} in the model ({names[1]}): check `data_set`/`use_split_coco`")
+    if _arch(found) == "HSNet" != _arch(expected) or _arch(expected) == "HSNet" != _arch(found):
+        hints.append(f"the file is a checkpoint of {_arch(found)}, but the model is {_arch(expected)}: set `arch` "
+                     f"to {_arch(found)}")
     if "down_query.0.weight" in found and "down_query.0.weight" in expected:
         if _shot(found) != _shot(expected):
             hints.append(f"the file is a {_shot(found)}-shot checkpoint but the model was built for "
@@ -163,8 +171,11 @@ def _load_checked(model: nn.Module, state: dict[str, Tensor], expected: dict[str
                   path: str | Path, what: str) -> None:
     """Copy ``state`` into ``model`` if its keys and shapes are exactly ``expected``; else raise
     one CheckpointMismatch listing every difference. A BN layer without ``num_batches_tracked``
-    is accepted, as ``load_state_dict(strict=True)`` does (old files predate that buffer)."""
+    is accepted, as ``load_state_dict(strict=True)`` does (old files predate that buffer), and
+    so are the model's ``unused_checkpoint_keys`` when their shapes are right (then dropped)."""
+    unused = model.unused_checkpoint_keys() if hasattr(model, "unused_checkpoint_keys") else {}
     found = {k: tuple(v.shape) for k, v in state.items()}
+    expected = {**expected, **{k: s for k, s in unused.items() if k in found}}
 
     def absent(key: str) -> bool:
         return key not in found and not (key.endswith(".num_batches_tracked") and
@@ -181,7 +192,7 @@ def _load_checked(model: nn.Module, state: dict[str, Tensor], expected: dict[str
                 message += _listing(kind, items)
         message += "".join(f"\n  hint: {h}" for h in _hints(found, expected))
         raise CheckpointMismatch(message)
-    model.load_state_dict(state, strict=False)  # complete for ``expected``, checked above
+    model.load_state_dict({k: v for k, v in state.items() if k not in unused}, strict=False)  # checked above
 
 
 def _shapes(model: nn.Module, prefixes: tuple[str, ...] = ("",)) -> dict[str, tuple]:
@@ -230,13 +241,14 @@ def load_pspnet(model: nn.Module, path: str | Path, expected: dict[str, Any] | N
 
 
 def load_imagenet_backbone(model: nn.Module, path: str | Path, backbone: str | None = None) -> None:
-    """Load ImageNet weights into ``layer0..4``: semseg ``resnet{50,101}_v2.pth`` or torchvision
+    """Load ImageNet weights into the model's backbone (``backbone_prefixes``: ``layer0..4`` of
+    MSANet/BAM, ``backbone.*`` of HSNet): semseg ``resnet{50,101}_v2.pth`` or torchvision
     ``vgg16_bn.pth`` / ``mobilenet_v2`` files (the model maps the keys: ``imagenet_backbone_state``).
     ``backbone``, when given, must be the model's. Optional: a full meta checkpoint overwrites all of it."""
-    if backbone is not None and backbone != model.backbone:
-        raise ValueError(f"backbone {backbone!r} is not the model's ({model.backbone!r})")
+    if backbone is not None and backbone != model.backbone_name:
+        raise ValueError(f"backbone {backbone!r} is not the model's ({model.backbone_name!r})")
     state, _ = _read_state(path, "ImageNet backbone file")
-    _load_checked(model, model.imagenet_backbone_state(state), _shapes(model, BACKBONE_PREFIXES), path,
+    _load_checked(model, model.imagenet_backbone_state(state), _shapes(model, model.backbone_prefixes), path,
                   "ImageNet backbone file")
 
 
@@ -262,7 +274,7 @@ def load_configured(model: nn.Module, cfg, novel_classes: list[int]) -> dict:
     """The config's weights: its checkpoint, after its base file when ``base_weight`` is set
     (every key of the model is then given by exactly one of the two files); each must be for
     the config's data set and fold (``novel_classes``) and its setting (``trained_for``)."""
-    base = base_weight_path(cfg)
+    base = base_weight_path(cfg) if model.predicts_base_classes else None  # a base file holds a base learner
     if base is not None:
         load_pspnet(model, base, trained_for(cfg, novel_classes, with_model=False))
     return load_weights(model, checkpoint_path(cfg), without_base=base is not None,

@@ -7,10 +7,13 @@ values from the file and from ``--opts`` are checked against it, and missing key
 default.
 
 Checkpoint rule: after the opts are applied, unless ``weight`` was given in the opts, the file
-of the configured arch and shot is picked when the config names one: ``weight_5shot`` for
-MSANet with ``shot > 1``, ``weight_bam`` / ``weight_bam_5shot`` for BAM with 1 / more shots.
-So ``--opts shot 5`` picks the fold's released 5-shot checkpoint and ``--arch BAM`` a BAM file,
-while an explicit ``--opts weight X`` always wins.
+of the configured arch and shot is picked when the config names one. One rule for every arch:
+``weight_{arch}`` names its 1-shot file and ``weight_{arch}_5shot`` its file for ``shot > 1``
+(arch in lower case; MSANet, the reference's model, keeps the reference's ``weight`` and
+``weight_5shot``); without a many-shot file the arch's 1-shot file is taken (HSNet's K-shot
+prediction is a vote of its 1-shot model), and without that the ``weight`` key. So ``--opts
+shot 5`` picks the fold's released 5-shot checkpoint and ``--arch BAM`` a BAM file, while an
+explicit ``--opts weight X`` always wins.
 """
 from __future__ import annotations
 
@@ -67,6 +70,8 @@ SCHEMA: dict[str, Any] = {
     "num_seeds": 6,
     "weight_5shot": "",  # 5-shot checkpoint file name of this fold/backbone
     "weight_bam": "", "weight_bam_5shot": "",  # BAM checkpoint file names (--arch BAM), 1- and 5-shot
+    "weight_hsnet": "", "weight_hsnet_5shot": "",  # HSNet checkpoint file names (--arch HSNet)
+    "hsnet_widths": [16, 64, 128],  # HSNet learner widths (16, 64, 128 in the released models)
     # A base file (PSPNet layout: backbone and base learner) shared by a fold's checkpoints, which
     # then hold the meta learner only (the demo models); '' = the checkpoint holds everything.
     "base_weight": "",
@@ -110,7 +115,7 @@ NOT_READ: dict[str, Any] = {
 }
 
 CHOICES: dict[str, tuple] = {
-    "arch": ("MSANet", "BAM"),
+    "arch": ("MSANet", "BAM", "HSNet"),
     "s2q_query_mask": ("pseudo", "ground_truth"),
     "round_selection": ("s2q", "s2q_stop", "soft_vote", "s2q_vote", "stop_vote"),  # model.round_selection.RULES
     "data_set": ("pascal", "coco", "demo"),
@@ -324,11 +329,15 @@ def load_config(path: str | Path, opts: list[str] | None = None, source: str = "
     return cfg
 
 
+def weight_key(arch: str, shot: int) -> str:
+    """The config key naming ``arch``'s checkpoint for ``shot`` supports (the module docstring's rule)."""
+    one_shot = "weight" if arch == "MSANet" else f"weight_{arch.lower()}"
+    return one_shot + ("_5shot" if shot > 1 else "")
+
+
 def configured_weight(cfg: CfgNode) -> str:
     """The checkpoint file name of the config's arch and shot (the module docstring's rule)."""
-    name = {("MSANet", False): "weight", ("MSANet", True): "weight_5shot",
-            ("BAM", False): "weight_bam", ("BAM", True): "weight_bam_5shot"}[(cfg.arch, cfg.shot > 1)]
-    return cfg[name] or cfg.weight
+    return cfg[weight_key(cfg.arch, cfg.shot)] or cfg[weight_key(cfg.arch, 1)] or cfg.weight
 
 
 def config_warnings(cfg: CfgNode) -> list[str]:
@@ -352,6 +361,8 @@ def backbone_name(cfg: CfgNode) -> str:
 def model_arguments(cfg: CfgNode) -> dict[str, Any]:
     """The one mapping from a config to a model: arch, backbone, shot, the fold's number of base
     classes (the base learner's outputs), widths and the reference quirks of MSANet."""
+    if cfg.arch == "HSNet":
+        return dict(arch=cfg.arch, backbone=backbone_name(cfg), shot=cfg.shot, widths=tuple(cfg.hsnet_widths))
     arguments = dict(arch=cfg.arch, backbone=backbone_name(cfg), shot=cfg.shot,
                      num_base_classes=len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
                      reduce_dim=cfg.reduce_dim, base_width=cfg.base_width, kshot_trans_dim=cfg.kshot_trans_dim,
