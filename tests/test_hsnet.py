@@ -18,39 +18,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from model.eftnet import EFTNet, EFTNetSettings
 from model.hsnet import LEVELS, CenterPivotConv4d, FeatureStack, HSNet, vote
+from tests.synthetic import SIZE, make_episode
 
-SIZE = 65
 CORRELATION_EPS = 1e-5
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "checkpoint_keys"
 MANIFEST_BACKBONES = {"resnet50": "resnet50", "resnet101": "resnet101", "vgg16": "vgg"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run about ten times faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_episode(seed: int, batch: int, shot: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Smooth noise images, each support with a bright textured box as its foreground (1) and
-    its last rows ignored (255). Returns query [B,3,S,S], supports [B,K,3,S,S], masks [B,K,S,S]."""
-    g = torch.Generator().manual_seed(seed)
-
-    def images(n: int) -> Tensor:
-        return F.avg_pool2d(torch.randn(n, 3, SIZE + 6, SIZE + 6, generator=g), 7, 1) * 3
-
-    query, supports = images(batch), images(batch * shot)
-    masks = torch.zeros(batch * shot, SIZE, SIZE, dtype=torch.long)
-    side = SIZE // 2
-    for i in range(batch * shot):
-        y, x = (int(v) for v in torch.randint(0, SIZE - side, (2,), generator=g))
-        supports[i, :, y:y + side, x:x + side] += torch.tensor([2.0, -1.0, 1.0]).view(3, 1, 1)
-        masks[i, y:y + side, x:x + side] = 1
-    masks[:, -4:] = 255
-    return query, supports.view(batch, shot, 3, SIZE, SIZE), masks.view(batch, shot, SIZE, SIZE)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spread_logits(model: HSNet, episode: tuple[Tensor, Tensor, Tensor]) -> HSNet:

@@ -22,20 +22,14 @@ from model.base import FewShotModel, Prediction
 from model.prototype import Guidance, ShotStats
 from model.ops import (chained_masks, cosine_prior, gram_distance, gram_matrix, masked_correlation, resize,
                        unit_vectors, weighted_gap)
+from tests.synthetic import SIZE, make_episode
 
-SIZE = 65
 ARCHS = {"MSANet": MSANet, "BAM": BAM}
 ADAPTED = ["down_query", "down_supp", "init_merge", "ASPP_meta", "res1_meta", "res2_meta", "cls_meta",
            "gram_merge", "cls_merge"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run about ten times faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +50,6 @@ def models():
 
     yield get
     built.clear()
-
-
-def make_episode(seed: int, batch: int, shot: int, size: int = SIZE) -> tuple[Tensor, Tensor, Tensor]:
-    """Smooth noise images, each support with a bright textured box as its foreground (1),
-    the last rows ignored (255). Returns query [B,3,S,S], supports [B,K,3,S,S], masks [B,K,S,S]."""
-    g = torch.Generator().manual_seed(seed)
-
-    def images(n: int) -> Tensor:
-        return F.avg_pool2d(torch.randn(n, 3, size + 6, size + 6, generator=g), 7, 1) * 3
-
-    query, supports = images(batch), images(batch * shot)
-    masks = torch.zeros(batch * shot, size, size, dtype=torch.long)
-    side = size // 2
-    for i in range(batch * shot):
-        y, x = (int(v) for v in torch.randint(0, size - side, (2,), generator=g))
-        supports[i, :, y:y + side, x:x + side] += torch.tensor([2.0, -1.0, 1.0]).view(3, 1, 1)
-        masks[i, y:y + side, x:x + side] = 1
-    masks[:, -4:] = 255
-    return query, supports.view(batch, shot, 3, size, size), masks.view(batch, shot, size, size)
 
 
 def run_steps(model: FewShotModel, query, support, masks: Tensor):

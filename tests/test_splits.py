@@ -4,6 +4,7 @@ import pytest
 
 from dataset.get_mulway_base_data import main as base_data_main
 from dataset.splits import base_classes, base_label_lut, novel_classes, num_classes
+from util.config import BASE_CLASS_COUNT
 
 # Fold tables (docs/reference_behaviour.md, section 1.5), written out rather than computed.
 PASCAL = {0: [1, 2, 3, 4, 5], 1: [6, 7, 8, 9, 10], 2: [11, 12, 13, 14, 15],
@@ -31,6 +32,14 @@ def test_folds_match_spec_tables(split):
         n = num_classes(data_set)
         assert base == sorted(set(range(1, n + 1)) - set(table[split]))
         assert len(base) == n * 3 // 4
+
+
+@pytest.mark.parametrize("use_split_coco", [False, True])
+@pytest.mark.parametrize("split", range(4))
+def test_the_configs_base_class_count_is_every_folds(split, use_split_coco):
+    """util/config.py sizes the base learner from the data set alone, as the reference does."""
+    for data_set, count in BASE_CLASS_COUNT.items():
+        assert len(base_classes(data_set, split, use_split_coco)) == count, data_set
 
 
 def test_base_lists_examples():

@@ -26,7 +26,6 @@ from typing import Any
 
 import yaml
 
-from dataset.splits import base_classes
 from util.errors import ConfigError, ConfigFileNotFound
 
 # Every known key with its default; the default's type is the key's type.
@@ -114,11 +113,16 @@ NOT_READ: dict[str, Any] = {
     "low_fea": "layer2",           # MSANet's low-level features are layer2's in the reference too
 }
 
+# Base classes of every fold (the base learner's outputs, background aside): as in the reference,
+# the data set alone sets the count (15 of PASCAL's and the demo's 20 classes, 60 of COCO's 80);
+# dataset/splits.py says which classes they are.
+BASE_CLASS_COUNT = {"pascal": 15, "coco": 60, "demo": 15}
+
 CHOICES: dict[str, tuple] = {
     "arch": ("MSANet", "BAM", "HSNet"),
     "s2q_query_mask": ("pseudo", "ground_truth"),
     "round_selection": ("s2q", "s2q_stop", "soft_vote", "s2q_vote", "stop_vote"),  # model.round_selection.RULES
-    "data_set": ("pascal", "coco", "demo"),
+    "data_set": tuple(BASE_CLASS_COUNT),
     "layers": (50, 101),
     "init_backbone": ("imagenet", "none"),
 }
@@ -364,7 +368,7 @@ def model_arguments(cfg: CfgNode) -> dict[str, Any]:
     if cfg.arch == "HSNet":
         return dict(arch=cfg.arch, backbone=backbone_name(cfg), shot=cfg.shot, widths=tuple(cfg.hsnet_widths))
     arguments = dict(arch=cfg.arch, backbone=backbone_name(cfg), shot=cfg.shot,
-                     num_base_classes=len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
+                     num_base_classes=BASE_CLASS_COUNT[cfg.data_set],
                      reduce_dim=cfg.reduce_dim, base_width=cfg.base_width, kshot_trans_dim=cfg.kshot_trans_dim,
                      zoom_factor=cfg.zoom_factor)
     if cfg.arch == "MSANet":
