@@ -4,6 +4,7 @@
 #   bash meta_test.sh                                  # the built-in demo: 4 folds, 1-shot
 #   bash meta_test.sh pascal resnet50 1 0 1 2 3        # dataset backbone shot splits...
 #   ARCH=BAM bash meta_test.sh demo mobilenetv2 5      # EFTNet on BAM (the config's weight_bam* files)
+#   ARCH=HSNet bash meta_test.sh demo mobilenetv2 1    # EFTNet on HSNet (weight_hsnet)
 #   bash miniature.sh                                  # the demo's miniature of the paper's table
 #   OPTS="s2q_query_mask ground_truth" bash meta_test.sh pascal vgg 1
 #   OPTS="s2q_gt_scores True" bash meta_test.sh pascal resnet50 1   # also report the reference's round
@@ -11,7 +12,7 @@
 #       473 px 1-shot, +42 % at 5-shot; on by default in the demo configs)
 #   bash ablation.sh [dataset backbone shot splits...]            # the module ablations, one table
 #
-# ARCH: base model, MSANet (default) or BAM.
+# ARCH: base model, MSANet (default), BAM or HSNet.
 # OPTS: extra config overrides passed to every run (key value ...).
 # TAG:  suffix of the output folder, to keep variants apart (default: derived from OPTS).
 # EXP:  output root (default exp).

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The built-in demo as a miniature of the paper's table: MSANet and BAM, 1- and 5-shot, all four
-# folds (meta_test.sh for each setting), then one table shaped like the paper's: a base-model row
-# and an EFTNet row per base model, columns 1-shot and 5-shot, EFTNet's gain in parentheses with
-# its paired 95 % interval over the folds.
+# The built-in demo as a miniature of the paper's table: MSANet and BAM, 1- and 5-shot, and HSNet
+# 1-shot, all four folds (meta_test.sh for each setting), then one table shaped like the paper's:
+# a base-model row and an EFTNet row per base model, columns 1-shot and 5-shot, EFTNet's gain in
+# parentheses with its paired 95 % interval over the folds. (HSNet's 5-shot s2q decodes 5 x 5
+# hypercorrelations per round: about 15 s an episode on this CPU, too slow for the miniature.)
 #
 #   bash miniature.sh                       # writes exp/miniature/default/demo/... and prints the table
 #   OPTS="test_num 200" bash miniature.sh   # more episodes per fold
@@ -19,6 +20,7 @@ for arch in MSANet BAM; do
     ARCH=$arch bash meta_test.sh demo mobilenetv2 "$shot"
   done
 done
+ARCH=HSNet bash meta_test.sh demo mobilenetv2 1
 echo
 echo "== the demo's miniature of the paper's table"
 "${PYTHON:-python3}" -m evaluation.report --miniature "$EXP/demo" | tee "$EXP/demo/miniature.txt"

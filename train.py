@@ -1,6 +1,12 @@
-"""Train a few-shot base model (MSANet or BAM) on a fold's base classes, in two stages.
+"""Train a few-shot base model (MSANet, BAM or HSNet) on a fold's base classes.
 
     python train.py --config CONFIG.yaml [--then key value ...]... [--opts key value ...]
+
+MSANet and BAM train in two stages (below). HSNet, which has no base learner, trains in one:
+its hypercorrelation learner on 1-shot base-class episodes (loss: cross-entropy of its logits),
+with Adam at the constant rate ``base_lr`` as HSNet's own training does, over the frozen
+ImageNet backbone's maps kept once (float16); ``base_weight_hsnet``, when set, names the file
+that keeps the frozen backbone beside the fold's learner-only checkpoint (written when absent).
 
 Each ``--then`` trains one more checkpoint of the fold (another shot, arch or schedule) on the
 same features and base file, as its own command would train it, without computing them again.
@@ -52,19 +58,19 @@ from dataset.images import ImageSet
 from dataset.lists import fss_list_files, read_data_list, read_sub_class_file_list
 from dataset.splits import base_classes, base_label_lut, novel_classes
 from evaluation.records import Scores, episode_record
-from model import PrototypeModel, build_model
+from model import ARCHS, FewShotModel, PrototypeModel, build_model
 from model.bam import BAM
 from model.contract import IGNORE
 from training.checks import check_checkpoint_target, check_distinct_targets, check_shared, check_training_keys
-from training.features import FeatureStore, class_masks, keep_masked_supports, layer_maps
+from training.features import FeatureStore, TapStore, class_masks, keep_masked_supports, layer_maps
 from training.laps import Laps
 from training.optimizer import make_optimizer, sgd_step
 from training.state import frozen, round_as_saved, seed_everything
 from util.checkpoint import (base_weight_path, checkpoint_path, imagenet_weights_file, load_imagenet_backbone,
-                              load_pspnet, save_base, save_checkpoint, trained_for)
+                              load_pspnet, save_backbone, save_base, save_checkpoint, trained_for)
 from util.config import backbone_name, config_summary, config_warnings, load_config
 from util.distributed import choose_device
-from util.errors import ConfigError, user_errors
+from util.errors import ConfigError, UsageError, user_errors
 from util.paths import repo_path
 
 log = logging.getLogger("train")
@@ -99,6 +105,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     for cfg in cfgs:
         check_training_keys(cfg)
         check_checkpoint_target(checkpoint_path(cfg), args.overwrite)
+    if not ARCHS[cfgs[0].arch].predicts_base_classes:
+        if args.then:
+            raise UsageError(f"--then trains more checkpoints on one base learner; {cfgs[0].arch} has none: train "
+                             "each checkpoint with a command of its own")
+        return [train_learner_only(cfgs[0])]
     check_shared(cfgs, args.then)
     check_distinct_targets(cfgs, args.then)
     cfg, base = cfgs[0], base_weight_path(cfgs[0])
@@ -149,6 +160,74 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def train_learner_only(cfg) -> dict:
+    """A model without a base learner (HSNet): the frozen ImageNet backbone's maps kept once,
+    then its learner on base-class episodes; save, validate and report."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    log.info("config\n%s", config_summary(cfg))
+    laps = Laps()
+    seed_everything(cfg.manual_seed)
+    device = choose_device(cfg.device)
+    data_list, sub_lists = training_lists(cfg)
+    novel = novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)
+    model = build_model(cfg)
+    init_backbone(model, cfg)
+    frozen(model, device)
+    round_as_saved(model)
+    path, base = checkpoint_path(cfg), base_weight_path(cfg)
+    if base is not None and not base.is_file():
+        save_backbone(model, base, {"backbone": backbone_name(cfg)})
+        log.info("saved the backbone file %s", base)
+    writer = SummaryWriter(str(repo_path(cfg.exp_root) / cfg.data_set / "train" / f"split{cfg.split}" /
+                               backbone_name(cfg) / cfg.arch))
+    laps("setup")
+    store = TapStore(model, image_loader(data_list, cfg), device)
+    laps("features")
+    losses = train_learner(model, store, EpisodeSampler(data_list, sub_lists, cfg.shot, cfg.batch_size), cfg,
+                           writer, device)
+    laps("training")
+    save_checkpoint(model, path, cfg.epochs, trained_for(cfg, novel, with_shot=model.weights_depend_on_shot),
+                    without_base=base is not None)
+    log.info("saved %s", path)
+    val = validate(model, cfg, device, writer) if cfg.val_episodes else None
+    if val is not None:
+        laps("validation")
+    writer.close()
+    seconds = laps.seconds | {"total": sum(laps.seconds.values())}
+    report(cfg, path, seconds, val)
+    return {"checkpoint": str(path), "base_weight": None if base is None else str(base), "base_losses": [],
+            "meta_losses": losses, "validation": val, "seconds": seconds}
+
+
+def train_learner(model: FewShotModel, store: TapStore, sampler: EpisodeSampler, cfg, writer,
+                  device: torch.device) -> list[float]:
+    """The learner of a model without a base learner on base-class episodes; the loss of every step."""
+    model.train()  # the backbone stays in eval mode
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.base_lr)  # as HSNet trains: Adam, constant rate
+    rng = np.random.default_rng(cfg.manual_seed)
+    total = cfg.epochs * sampler.steps_per_epoch
+    episodes = itertools.chain.from_iterable(sampler.epoch(rng) for _ in range(cfg.epochs))
+    losses = []
+    for it, (queries, classes, supports) in enumerate(tqdm(episodes, desc="learner", total=total, dynamic_ncols=True)):
+        b, k = supports.shape
+        classes = torch.from_numpy(classes)
+        query = store.batch(torch.from_numpy(queries), device)
+        support = store.batch(torch.from_numpy(supports.reshape(-1)), device)
+        target = class_masks(store.labels[torch.from_numpy(queries)].long(), classes).to(device)
+        masks = class_masks(store.labels[torch.from_numpy(supports)].long(), classes).to(device)
+        embeddings = model.embed(support)
+        guidance = model.guide(model.match(query, support, masks), embeddings.reshape(b, k, *embeddings.shape[1:]))
+        loss = model.adaptation_loss(model.decode(query, guidance), target, cfg.aux_weight1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        writer.add_scalar("learner/loss", losses[-1], it)
+    model.eval()
+    return losses
+
+
 def training_lists(cfg) -> tuple[list, dict]:
     """The fold's meta-training images (the BAM train list) and its images per base class."""
     data_root = repo_path(cfg.data_root)
@@ -173,7 +252,7 @@ def image_loader(data_list: list, cfg) -> DataLoader:
     return DataLoader(ImageSet(data_list, cfg.train_h), batch_size=16, num_workers=cfg.workers)
 
 
-def init_backbone(model: PrototypeModel, cfg) -> None:
+def init_backbone(model: FewShotModel, cfg) -> None:
     """ImageNet weights into the frozen backbone (only MobileNetV2's can be installed here)."""
     if cfg.init_backbone == "none":
         return
@@ -287,22 +366,23 @@ def train_meta_learner(model: PrototypeModel, store: FeatureStore, sampler: Epis
 
 
 @torch.no_grad()
-def validate(model: PrototypeModel, cfg, device: torch.device, writer: SummaryWriter) -> dict:
+def validate(model: FewShotModel, cfg, device: torch.device, writer: SummaryWriter) -> dict:
     """The meta-test protocol's scores on ``val_episodes`` novel-class episodes (seed manual_seed)."""
     model.eval()
     val_cfg = type(cfg)(cfg, test_num=cfg.val_episodes, episode_file="")
     dataset, _ = build_episode_dataset(val_cfg, cfg.manual_seed)
-    scores = Scores(len(novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)),
-                    len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)))
+    num_base = len(base_classes(cfg.data_set, cfg.split, cfg.use_split_coco)) if model.predicts_base_classes else 0
+    scores = Scores(len(novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)), num_base)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers)
     for index, item in enumerate(tqdm(loader, desc="validation", dynamic_ncols=True)):
         batch = to_device(item, device)
         pred = model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
-        scores.add(episode_record(index, batch, pred, None, scores.base.num_classes))
+        scores.add(episode_record(index, batch, pred, None, num_base))
     val = scores.summary(with_eftnet=False)
     for name, value in (("miou", val["zero"]["miou"]), ("fbiou", val["zero"]["fbiou"]),
                         ("miou_meta", val["zero"]["miou_meta"]), ("base_miou", val["base_miou"])):
-        writer.add_scalar(f"val/{name}", value, 0)
+        if value is not None:
+            writer.add_scalar(f"val/{name}", value, 0)
     return val
 
 
@@ -311,9 +391,9 @@ def report(cfg, path: Path, seconds: dict[str, float], val: dict | None) -> None
     summary = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     print(f"{cfg.data_set} fold {cfg.split} {backbone_name(cfg)} {cfg.arch} {cfg.shot}-shot -> {path} ({summary})")
     if val is not None:
+        base = "" if val["base_miou"] is None else f", base-class mIoU {100 * val['base_miou']:.2f}"
         print(f"validation, {val['episodes']} episodes: mIoU {100 * val['zero']['miou']:.2f}, "
-              f"FB-IoU {100 * val['zero']['fbiou']:.2f}, meta mIoU {100 * val['zero']['miou_meta']:.2f}, "
-              f"base-class mIoU {100 * val['base_miou']:.2f}")
+              f"FB-IoU {100 * val['zero']['fbiou']:.2f}, meta mIoU {100 * val['zero']['miou_meta']:.2f}{base}")
 
 
 if __name__ == "__main__":

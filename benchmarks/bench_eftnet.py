@@ -1,7 +1,7 @@
 """EFTNet episode time and memory against a plain base-model forward, same process, random weights.
 
     python -m benchmarks.bench_eftnet [--sizes 201 473 641] [--backbones resnet50 vgg] [--shots 1 5]
-                                      [--archs MSANet BAM] [--device cpu|cuda] [--direct]
+                                      [--archs MSANet BAM HSNet] [--device cpu|cuda] [--direct]
 
 One line per setting, each measured in a fresh process (so that the CPU's peak RSS belongs to
 that setting): the plain forward (the base model's prediction), the EFTNet episode (5 rounds),
@@ -14,7 +14,8 @@ with the evaluator's extra ground-truth s2q score per round (``s2q_gt_scores``) 
 computes in every episode from the rounds it has, and their share of the episode. The
 random model is biased to predict about 30 % of the query as foreground, like a trained model
 on an object. The reference code measures about 16.4x (1-shot) and 36.5x (5-shot) for this
-ratio with R50 at 201 px.
+ratio with R50 at 201 px. HSNet runs with its released widths and ``--hsnet-pass-mb`` (the
+config's ``hsnet_pass_mb``) as the memory of one learner pass; its protocol's size is 400 px.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import time
 import torch
 
 from benchmarks.common import interleaved_times, peak_memory_mb, predict_foreground, random_episode, reset_peak
-from model import BAM, MSANet
+from model import BAM, HSNet, MSANet
 from model.eftnet import EFTNet, EFTNetSettings
 from model.round_selection import VOTE_RULES
 
@@ -42,10 +43,13 @@ def engine_settings(cache_mb: float, mode: str) -> EFTNetSettings:
 
 def measure(arch: str, backbone: str, size: int, shot: int, device: torch.device, repeats: int,
             cache_mb: float, mode: str, direct: bool, probe: bool, cpu_clock: bool = False,
-            votes: bool = False) -> dict:
+            votes: bool = False, pass_mb: float = 1024) -> dict:
     """Times and peaks of one setting, in this process."""
     torch.manual_seed(0)
-    model = (MSANet if arch == "MSANet" else BAM)(backbone, shot, 15).to(device).eval()
+    if arch == "HSNet":
+        model = HSNet(backbone, shot, pass_mb=pass_mb).to(device).eval()
+    else:
+        model = (MSANet if arch == "MSANet" else BAM)(backbone, shot, 15).to(device).eval()
     ep = random_episode(size, shot, device)
     predict_foreground(model, ep)
     query_mask = ep["support_masks"][:, 0]
@@ -83,10 +87,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[201, 473])
     parser.add_argument("--backbones", nargs="+", default=["resnet50"])
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--archs", nargs="+", default=["MSANet"], choices=["MSANet", "BAM"])
+    parser.add_argument("--archs", nargs="+", default=["MSANet"], choices=["MSANet", "BAM", "HSNet"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each part after one warm-up (median)")
     parser.add_argument("--cache-mb", type=float, default=1024, help="similarity_cache_mb of the engine")
+    parser.add_argument("--hsnet-pass-mb", type=float, default=1024, help="HSNet: memory of one learner pass")
     parser.add_argument("--mode", default="pseudo", choices=["pseudo", "ground_truth"])
     parser.add_argument("--direct", action="store_true", help="also time the episode with similarity_cache_mb 0")
     parser.add_argument("--cpu-clock", action="store_true",
@@ -99,7 +104,8 @@ def main() -> None:
     if args.one:
         arch, backbone, size, shot = args.one
         print(json.dumps(measure(arch, backbone, int(size), int(shot), device, args.repeats, args.cache_mb,
-                                 args.mode, args.direct, args.probe, args.cpu_clock, args.votes)))
+                                 args.mode, args.direct, args.probe, args.cpu_clock, args.votes,
+                                 args.hsnet_pass_mb)))
         return
     print(f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
           f"threads {torch.get_num_threads()}, {'CPU' if args.cpu_clock else 'wall'} seconds, "
@@ -109,7 +115,7 @@ def main() -> None:
           + (f" {'votes s':>8} {'cost':>6}" if args.votes else ""), flush=True)
     flags = ("direct", "probe", "cpu_clock", "votes")
     common = ["--device", args.device, "--repeats", str(args.repeats), "--cache-mb", str(args.cache_mb),
-              "--mode", args.mode] + [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
+              "--hsnet-pass-mb", str(args.hsnet_pass_mb), "--mode", args.mode] + [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
     for arch, backbone, size, shot in itertools.product(args.archs, args.backbones, args.sizes, args.shots):
         child = subprocess.run([sys.executable, "-m", "benchmarks.bench_eftnet", "--one", arch, backbone,
                                 str(size), str(shot), *common], capture_output=True, text=True)

@@ -33,7 +33,7 @@ def predict_foreground(model: torch.nn.Module, episode: dict, fraction: float = 
     """Make a random-weight model predict about ``fraction`` of the query as foreground, as a
     trained model does on an object (random heads give nearly constant logits, so masks
     would cover all or nothing): spread the meta logits and centre them at that quantile."""
-    head = model.cls_meta[3]
+    head = model.hpn_learner.decoder2[-1] if hasattr(model, "hpn_learner") else model.cls_meta[3]
     head.weight.mul_(30.0)
     head.bias.zero_()
     meta = model(episode["query_img"], episode["support_imgs"], episode["support_masks"]).meta

@@ -24,9 +24,9 @@ REQUIRED = ("split", "zero")  # keys every results.json of meta_test.py holds
 SETTING = ("data_set", "arch", "backbone", "shot", "loop_ft", "s2q_query_mask")
 # Config keys that differ between the folds of one setting (the fold, its files) or that do not
 # change the numbers (outputs, loader processes, device); every other key must agree.
-PER_FOLD_KEYS = frozenset({"split", "weight", "weight_5shot", "weight_bam", "weight_bam_5shot", "base_weight",
-                           "weight_path", "val_list", "train_list", "episode_file", "show", "show_ft", "exp_root",
+PER_FOLD_KEYS = frozenset({"split", "val_list", "train_list", "episode_file", "show", "show_ft", "exp_root",
                            "tb_images", "workers", "device"})
+WEIGHT_KEYS = ("weight", "base_weight")  # every arch's checkpoint and base file names: one per fold
 
 
 def bootstrap_of(results: dict) -> tuple[int, int]:
@@ -270,8 +270,9 @@ def _differences(a: dict, b: dict) -> list[str]:
     """How the settings of two runs differ, in words (empty when they are folds of one setting)."""
     keys = [(k, a.get(k), b.get(k)) for k in SETTING]
     if "settings" in a and "settings" in b:
-        keys += [(k, a["settings"].get(k), b["settings"].get(k))
-                 for k in sorted(set(a["settings"]) | set(b["settings"])) if k not in PER_FOLD_KEYS and k not in SETTING]
+        shared = [k for k in sorted(set(a["settings"]) | set(b["settings"]))
+                  if k not in PER_FOLD_KEYS and not k.startswith(WEIGHT_KEYS) and k not in SETTING]
+        keys += [(k, a["settings"].get(k), b["settings"].get(k)) for k in shared]
     return [f"{key} {x!r} vs {y!r}" for key, x, y in keys if x != y]
 
 

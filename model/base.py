@@ -96,6 +96,7 @@ class FewShotModel(nn.Module):
     backbone_name: str = ""                     # e.g. resnet50, vgg, mobilenetv2
     backbone_prefixes: tuple[str, ...] = ()     # state_dict keys of the frozen backbone
     predicts_base_classes: bool = False         # Prediction.base is given (a base learner)
+    weights_depend_on_shot: bool = True         # a checkpoint is made for one number of shots
 
     # ---- 1. frozen features ---------------------------------------------------------------
     def extract(self, images: Tensor) -> Any:

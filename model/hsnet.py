@@ -35,6 +35,7 @@ from model.backbones import bottleneck_tap, linear_block_tap
 from model.base import Blendable, FewShotModel, Prediction, ShotTable
 from model.ops import resize
 
+PASS_FACTOR = 4  # a learner pass's peak memory over its input's (``pairs_per_pass``)
 UNIT_EPS = 1e-5  # HSNet's epsilon in x / (|x| + eps) before the correlation
 # VGG16 ``features`` indices whose outputs are taken: conv4_1..3 and conv5_1..3 (before their
 # in-place ReLU) and pool5.
@@ -73,7 +74,7 @@ def build_backbone(name: str) -> nn.Module:
     if name == "vgg":
         return _Features(vgg_features(vgg_configs["D"], batch_norm=False))
     if name == "mobilenetv2":
-        return _Features(mobilenet_v2(weights=None).features)
+        return _Features(mobilenet_v2(weights=None).features[:MOBILENET_TAPS[-1] + 1])
     raise ValueError(f"HSNet backbone must be one of {sorted(LEVELS)}, got {name!r}")
 
 
@@ -249,8 +250,9 @@ class HSNet(FewShotModel):
     """HSNet with the released key layout (``backbone.*``, ``hpn_learner.*``)."""
 
     backbone_prefixes = ("backbone.",)
+    weights_depend_on_shot = False  # K shots vote with the 1-shot model
 
-    def __init__(self, backbone: str, shot: int = 1, widths: tuple[int, int, int] = WIDTHS):
+    def __init__(self, backbone: str, shot: int = 1, widths: tuple[int, int, int] = WIDTHS, pass_mb: float = 0):
         super().__init__()
         if backbone not in LEVELS:
             raise ValueError(f"HSNet backbone must be one of {sorted(LEVELS)}, got {backbone!r}")
@@ -261,6 +263,7 @@ class HSNet(FewShotModel):
         self.levels = LEVELS[backbone]
         self.backbone = build_backbone(backbone)
         self.hpn_learner = HypercorrelationLearner(self.levels, tuple(widths))
+        self.pass_mb = pass_mb
 
     # ---- 1. ----
     @torch.no_grad()
@@ -302,11 +305,24 @@ class HSNet(FewShotModel):
     # ---- 4. ----
     def decode(self, query: FeatureStack, guidance: Hypercorrelation) -> Prediction:
         b, k = guidance.corr_l4.shape[:2]
-        logits = resize(self.hpn_learner(guidance.pyramid()), query.image_size)
+        pyramid = guidance.pyramid()
+        step = self.pairs_per_pass(pyramid)
+        logits = torch.cat([resize(self.hpn_learner([t[i:i + step] for t in pyramid]), query.image_size)
+                            for i in range(0, b * k, step)])
         logits = logits.view(b, k, *logits.shape[1:])
         if k == 1:
             return Prediction(final=logits[:, 0], meta=logits[:, 0])
         return Prediction(final=vote(logits), meta=logits.mean(1))
+
+    def pairs_per_pass(self, pyramid: list[Tensor]) -> int:
+        """How many (query, shot) pairs go through the learner at once: all of them, or as many
+        as fit in ``pass_mb`` (at least one). A pass takes about four times its input: the first
+        4-D convolution holds a permuted copy of the finest level and two outputs of its size."""
+        pairs = pyramid[0].shape[0]
+        if self.pass_mb <= 0:
+            return pairs
+        per_pair = PASS_FACTOR * sum(t[0].numel() for t in pyramid) * pyramid[0].element_size()
+        return max(1, min(pairs, int(self.pass_mb * 2**20 // per_pair)))
 
     # ---- what EFTNet adapts ----
     def adapted_modules(self) -> list[nn.Module]:
@@ -324,6 +340,7 @@ class HSNet(FewShotModel):
         return dict(UNUSED_HEADS[self.backbone_name])
 
     def imagenet_backbone_state(self, state: dict[str, Any]) -> dict[str, Tensor]:
-        """A torchvision ImageNet file under ``backbone.*`` (its classifier dropped)."""
-        head = ("fc.", "classifier.")
-        return {f"backbone.{k}": v for k, v in state.items() if not k.startswith(head)}
+        """A torchvision ImageNet file under ``backbone.*``, without what the backbone does not
+        build (the classifier; MobileNetV2's blocks after the last one taken)."""
+        own = self.backbone.state_dict()
+        return {f"backbone.{k}": v for k, v in state.items() if k in own}

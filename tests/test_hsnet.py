@@ -274,6 +274,23 @@ def test_three_shot_forward_votes_the_one_shot_predictions(three_shot):
     assert not torch.equal(pred.final.argmax(1), pred.meta.argmax(1))   # the vote is not the mean
 
 
+@torch.no_grad()
+def test_a_memory_budget_splits_the_pairs_without_changing_the_outputs(three_shot):
+    model, (query, supports, masks) = three_shot
+    whole = model(query, supports, masks)
+    pyramid = model.match(model.extract(query), model.extract(supports.flatten(0, 1)), masks).pyramid()
+    per_pair = 4 * sum(t[0].numel() for t in pyramid) * 4 / 2**20              # MB, float32
+    try:
+        for budget, groups in ((2.5 * per_pair, 2), (0.1 * per_pair, 1)):  # 6 pairs: 3 passes of 2, 6 of 1
+            model.pass_mb = budget
+            assert model.pairs_per_pass(pyramid) == groups
+            split = model(query, supports, masks)
+            torch.testing.assert_close(split.meta, whole.meta, rtol=1e-5, atol=1e-6)
+            assert torch.equal(split.final.argmax(1), whole.final.argmax(1))
+    finally:
+        model.pass_mb = 0
+
+
 # ---- 5. the released key layout ------------------------------------------------------------------
 @pytest.mark.skipif(not MANIFESTS.is_dir(),
                     reason=f"no manifests at {MANIFESTS} (the shared/ folder beside the repository)")

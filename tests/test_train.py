@@ -310,3 +310,36 @@ def test_then_refuses_what_the_checkpoints_cannot_share(trained, monkeypatch, ca
         with pytest.raises(SystemExit) as exit_info:
             train.main(["--config", str(path), "--then", *then, "--opts", "weight", "never.pth", *opts])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_hsnet_trains_its_learner_over_a_shared_backbone_file(trained):
+    """arch HSNet: one stage; the learner-only checkpoint and the backbone file restore the
+    trained model in meta_test's loading, for 1 shot and (voting) 5 shots; --then refuses."""
+    root, _, _, _ = trained
+    path = write_config(root, arch="HSNet", hsnet_widths=[4, 4, 8], base_lr=0.01, epochs=1)
+    opts = ["--opts", "weight", "tiny_hsnet.pth", "base_weight_hsnet", "hsnet_backbone.pth"]
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--config", str(path), "--then", "shot", "5", *opts])
+    assert refused.value.code == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "ensure_demo_present", lambda root: None)
+        try:
+            result = train.main(["--config", str(path), *opts])[0]
+        finally:
+            torch.set_num_threads(threads)
+    folder = root / "weights" / "demo" / "split0" / "mobilenetv2"
+    learner = torch.load(folder / "tiny_hsnet.pth", weights_only=True)
+    assert learner["trained_for"] == {"data_set": "demo", "split": 0, "novel_classes": [1, 2, 3, 4, 5],
+                                      "backbone": "mobilenetv2", "arch": "HSNet"}
+    assert learner["state_dict"] and all(k.startswith("hpn_learner.") for k in learner["state_dict"])
+    backbone = torch.load(folder / "hsnet_backbone.pth", weights_only=True)["state_dict"]
+    assert backbone and all(k.startswith("backbone.") for k in backbone)
+    assert len(result["meta_losses"]) == TRAIN_IMAGES // BATCH and result["validation"]["base_miou"] is None
+    for shot in (1, 5):
+        cfg = load_config(path, opts[1:] + ["shot", str(shot)])
+        model = build_model(cfg)
+        checkpoint.load_configured(model, cfg, [1, 2, 3, 4, 5])
+        for key, value in learner["state_dict"].items():
+            assert torch.equal(model.state_dict()[key], value.float()), key

@@ -1,5 +1,6 @@
-"""Frozen backbone features of every image of a list, kept once for training, and BAM's masked
-support maps kept for every step of meta-training."""
+"""Frozen backbone features of every image of a list, kept once for training (MSANet/BAM's
+stages and taps, HSNet's per-block maps), and BAM's masked support maps kept for every step of
+meta-training."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from dataset.episodes import EpisodeSampler
 from model.backbones import Features
 from model.bam import BAM
+from model.hsnet import FeatureStack, HSNet
 from model.prototype import PrototypeModel
 from model.contract import IGNORE
 
@@ -109,6 +111,27 @@ class FeatureStore:
 
     def drop_masked_layer4(self) -> None:
         self.masked = None
+
+
+class TapStore:
+    """HSNet's per-block maps of every image, float16 on the CPU, handed out as batches."""
+
+    def __init__(self, model: HSNet, loader: DataLoader, device: torch.device):
+        self.taps: list[Tensor] = []
+        labels, start = [], 0
+        for images, label in tqdm(loader, desc="backbone features", dynamic_ncols=True):
+            feats = model.extract(images.to(device))
+            if not self.taps:
+                self.image_size = feats.image_size
+                self.taps = [torch.empty(len(loader.dataset), *t.shape[1:], dtype=torch.float16) for t in feats.taps]
+            for kept, t in zip(self.taps, feats.taps):
+                kept[start:start + len(images)] = t.cpu()
+            labels.append(label)
+            start += len(images)
+        self.labels = torch.cat(labels)  # [N, S, S] class ids, 255 on void and padding
+
+    def batch(self, items: Tensor, device: torch.device) -> FeatureStack:
+        return FeatureStack([t[items].to(device, torch.float32) for t in self.taps], self.image_size)
 
 
 class MaskedLayer4:

@@ -1,5 +1,5 @@
 """The state a training stage starts from: seeded generators, and the frozen parts of the model
-(backbone and base learner) on the device, as the checkpoint files keep them."""
+(backbone, and a base learner where there is one) on the device, as the checkpoint files keep them."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from model.prototype import FROZEN_MODULES, PrototypeModel
+from model.base import FewShotModel
 
 
 def seed_everything(seed: int) -> None:
@@ -18,19 +18,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def frozen(model: PrototypeModel, device: torch.device) -> None:
-    """The model on ``device`` in eval mode, its backbone and base learner without gradients
-    (stage 1 turns the base learner's on for itself)."""
+def frozen(model: FewShotModel, device: torch.device) -> None:
+    """The model on ``device`` in eval mode, its frozen modules (backbone, base learner) without
+    gradients (stage 1 turns the base learner's on for itself)."""
     model.to(device).eval()
-    for name in FROZEN_MODULES:
-        getattr(model, name).requires_grad_(False)
+    for module in model.frozen_modules():
+        module.requires_grad_(False)
 
 
 @torch.no_grad()
-def round_as_saved(model: PrototypeModel) -> None:
-    """Round the backbone and base learner to float16, as the files keep them: meta-training then
-    sees the base learner that meta-testing loads, whether or not its run trained it."""
-    for name in FROZEN_MODULES:
-        for tensor in itertools.chain(getattr(model, name).parameters(), getattr(model, name).buffers()):
+def round_as_saved(model: FewShotModel) -> None:
+    """Round the frozen modules to float16, as the files keep them: meta-training then sees the
+    backbone and base learner that meta-testing loads, whether or not its run trained them."""
+    for module in model.frozen_modules():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half())

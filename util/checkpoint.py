@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from util.config import backbone_name
+from util.config import backbone_name, base_key
 from util.errors import ConfigError, ProjectError
 from util.paths import repo_path, temporary_twin
 
@@ -72,14 +72,15 @@ def _read_state(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[st
     return {k.removeprefix("module."): v for k, v in state.items()}, about
 
 
-def trained_for(cfg, novel_classes: list[int], with_model: bool = True) -> dict[str, Any]:
+def trained_for(cfg, novel_classes: list[int], with_model: bool = True, with_shot: bool = True) -> dict[str, Any]:
     """What a file trained under ``cfg`` is for: data set, fold and its novel classes, backbone
-    and, for a meta-model checkpoint (``with_model``), arch and shot. train.py writes it into
-    every file; loading compares it with the config's."""
+    and, for a meta-model checkpoint (``with_model``), arch and (``with_shot``: weights made
+    for a number of shots) shot. train.py writes it into every file; loading compares it with
+    the config's."""
     about = {"data_set": cfg.data_set, "split": cfg.split, "novel_classes": list(novel_classes),
              "backbone": backbone_name(cfg)}
     if with_model:
-        about.update(arch=cfg.arch, shot=cfg.shot)
+        about.update(arch=cfg.arch, **({"shot": cfg.shot} if with_shot else {}))
     return about
 
 
@@ -217,7 +218,7 @@ def load_weights(model: nn.Module, path: str | Path, *, what: str = "checkpoint"
     kept = {k: v for k, v in state.items() if not k.startswith("sr_")}
     shapes = _shapes(model)
     if without_base:
-        shapes = {k: s for k, s in shapes.items() if not k.startswith(BASE_PREFIXES)}
+        shapes = {k: s for k, s in shapes.items() if not k.startswith(base_file_prefixes(model))}
     _load_checked(model, kept, shapes, path, what)
     return {"epoch": about["epoch"], "keys": len(kept), "dropped": len(state) - len(kept)}
 
@@ -238,6 +239,21 @@ def load_pspnet(model: nn.Module, path: str | Path, expected: dict[str, Any] | N
                 key = new + key[len(old):]
         remapped[key] = value
     _load_checked(model, remapped, _shapes(model, BASE_PREFIXES), path, "PSPNet file")
+
+
+def base_file_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The keys a base file holds: MSANet/BAM's backbone and base learner (PSPNet's layout), or
+    the frozen backbone of a model without a base learner (HSNet)."""
+    return BASE_PREFIXES if model.predicts_base_classes else model.backbone_prefixes
+
+
+def load_backbone_file(model: nn.Module, path: str | Path, expected: dict[str, Any] | None = None) -> None:
+    """A base file of a model without a base learner: its frozen backbone in the model's own
+    key layout (``save_checkpoint`` of those keys), exactly those keys."""
+    state, about = _read_state(path, "backbone file")
+    if expected is not None:
+        _check_trained_for(path, "backbone file", about["trained_for"], expected)
+    _load_checked(model, state, _shapes(model, model.backbone_prefixes), path, "backbone file")
 
 
 def load_imagenet_backbone(model: nn.Module, path: str | Path, backbone: str | None = None) -> None:
@@ -264,21 +280,26 @@ def checkpoint_path(cfg) -> Path:
 
 
 def base_weight_path(cfg) -> Path | None:
-    """The fold's shared base file (``base_weight``, beside its checkpoints); None when unset."""
-    if not cfg.base_weight:
+    """The fold's shared base file of the config's arch (``base_key``, beside its checkpoints);
+    None when unset."""
+    name = getattr(cfg, base_key(cfg.arch))
+    if not name:
         return None
-    return repo_path(cfg.weights_root) / cfg.data_set / f"split{cfg.split}" / backbone_name(cfg) / cfg.base_weight
+    return repo_path(cfg.weights_root) / cfg.data_set / f"split{cfg.split}" / backbone_name(cfg) / name
 
 
 def load_configured(model: nn.Module, cfg, novel_classes: list[int]) -> dict:
-    """The config's weights: its checkpoint, after its base file when ``base_weight`` is set
+    """The config's weights: its checkpoint, after its base file when the arch's base key is set
     (every key of the model is then given by exactly one of the two files); each must be for
     the config's data set and fold (``novel_classes``) and its setting (``trained_for``)."""
-    base = base_weight_path(cfg) if model.predicts_base_classes else None  # a base file holds a base learner
+    base = base_weight_path(cfg)
     if base is not None:
-        load_pspnet(model, base, trained_for(cfg, novel_classes, with_model=False))
+        if model.predicts_base_classes:
+            load_pspnet(model, base, trained_for(cfg, novel_classes, with_model=False))
+        else:
+            load_backbone_file(model, base, {"backbone": backbone_name(cfg)})
     return load_weights(model, checkpoint_path(cfg), without_base=base is not None,
-                        expected=trained_for(cfg, novel_classes))
+                        expected=trained_for(cfg, novel_classes, with_shot=model.weights_depend_on_shot))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -304,10 +325,18 @@ def _save_atomic(state: dict[str, Tensor], path: Path, epoch: int, about: dict[s
 def save_checkpoint(model: nn.Module, path: Path, epoch: int, about: dict[str, Any],
                     without_base: bool = False) -> None:
     """A meta-model checkpoint in the released format, with what it was trained for
-    (``trained_for``); ``without_base``: without the backbone and the base learner (a base file
-    holds them, ``save_base``)."""
-    state = {k: v for k, v in model.state_dict().items() if not (without_base and k.startswith(BASE_PREFIXES))}
+    (``trained_for``); ``without_base``: without what a base file holds (``base_file_prefixes``;
+    ``save_base``, or ``save_backbone`` for a model without a base learner)."""
+    skipped = base_file_prefixes(model) if without_base else ()
+    state = {k: v for k, v in model.state_dict().items() if not (skipped and k.startswith(skipped))}
     _save_atomic(state, path, epoch, about)
+
+
+def save_backbone(model: nn.Module, path: Path, about: dict[str, Any]) -> None:
+    """The frozen backbone of a model without a base learner, in its own key layout: the base
+    file its checkpoints share (``load_backbone_file``)."""
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(model.backbone_prefixes)}
+    _save_atomic(state, path, 0, about)
 
 
 def save_base(model: nn.Module, path: Path, epoch: int, about: dict[str, Any]) -> None:

@@ -71,9 +71,13 @@ SCHEMA: dict[str, Any] = {
     "weight_bam": "", "weight_bam_5shot": "",  # BAM checkpoint file names (--arch BAM), 1- and 5-shot
     "weight_hsnet": "", "weight_hsnet_5shot": "",  # HSNet checkpoint file names (--arch HSNet)
     "hsnet_widths": [16, 64, 128],  # HSNet learner widths (16, 64, 128 in the released models)
+    # HSNet: memory for one pass of the learner; the (query, shot) pairs go through in groups that
+    # fit (EFTNet's s2q decodes K x K of them; 0 = all at once)
+    "hsnet_pass_mb": 1024,
     # A base file (PSPNet layout: backbone and base learner) shared by a fold's checkpoints, which
     # then hold the meta learner only (the demo models); '' = the checkpoint holds everything.
     "base_weight": "",
+    "base_weight_hsnet": "",  # HSNet's: its frozen backbone, shared by a fold's HSNet checkpoints
     "weight_path": "",  # explicit checkpoint path; overrides weights_root/...
     "weights_root": "weights", "lists_root": "lists", "episode_file": "", "exp_root": "exp",
     "tb_images": 4,  # episodes whose images are logged to TensorBoard
@@ -134,7 +138,7 @@ MIN_VAL_SIZE = 33
 MAX_TEST_NUM = 100_000  # episodes per seed: 100 times the published protocols' 1,000
 LEARNING_RATES = ("base_lr", "ft_base_lr", "base_learner_lr", "base_learner_layer4_lr")
 NON_NEGATIVE = ("workers", "manual_seed", "weight_decay", "momentum", "power", "ft_power",
-                "sr_aux_weight1", "aux_weight1", "support_cache_mb")
+                "sr_aux_weight1", "aux_weight1", "support_cache_mb", "hsnet_pass_mb")
 
 
 class CfgNode(dict):
@@ -339,6 +343,13 @@ def weight_key(arch: str, shot: int) -> str:
     return one_shot + ("_5shot" if shot > 1 else "")
 
 
+def base_key(arch: str) -> str:
+    """The config key naming ``arch``'s base file: ``base_weight_{arch}`` where the schema has
+    one (a file of its own layout), else ``base_weight`` (MSANet and BAM share a PSPNet base)."""
+    own = f"base_weight_{arch.lower()}"
+    return own if own in SCHEMA else "base_weight"
+
+
 def configured_weight(cfg: CfgNode) -> str:
     """The checkpoint file name of the config's arch and shot (the module docstring's rule)."""
     return cfg[weight_key(cfg.arch, cfg.shot)] or cfg[weight_key(cfg.arch, 1)] or cfg.weight
@@ -366,7 +377,8 @@ def model_arguments(cfg: CfgNode) -> dict[str, Any]:
     """The one mapping from a config to a model: arch, backbone, shot, the fold's number of base
     classes (the base learner's outputs), widths and the reference quirks of MSANet."""
     if cfg.arch == "HSNet":
-        return dict(arch=cfg.arch, backbone=backbone_name(cfg), shot=cfg.shot, widths=tuple(cfg.hsnet_widths))
+        return dict(arch=cfg.arch, backbone=backbone_name(cfg), shot=cfg.shot, widths=tuple(cfg.hsnet_widths),
+                    pass_mb=cfg.hsnet_pass_mb)
     arguments = dict(arch=cfg.arch, backbone=backbone_name(cfg), shot=cfg.shot,
                      num_base_classes=BASE_CLASS_COUNT[cfg.data_set],
                      reduce_dim=cfg.reduce_dim, base_width=cfg.base_width, kshot_trans_dim=cfg.kshot_trans_dim,
