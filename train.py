@@ -169,12 +169,11 @@ def train_learner_only(cfg) -> dict:
     seed_everything(cfg.manual_seed)
     device = choose_device(cfg.device)
     data_list, sub_lists = training_lists(cfg)
-    novel = novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)
     model = build_model(cfg)
     init_backbone(model, cfg)
     frozen(model, device)
     round_as_saved(model)
-    path, base = checkpoint_path(cfg), base_weight_path(cfg)
+    base = base_weight_path(cfg)
     if base is not None and not base.is_file():
         save_backbone(model, base, {"backbone": backbone_name(cfg)})
         log.info("saved the backbone file %s", base)
@@ -186,17 +185,7 @@ def train_learner_only(cfg) -> dict:
     losses = train_learner(model, store, EpisodeSampler(data_list, sub_lists, cfg.shot, cfg.batch_size), cfg,
                            writer, device)
     laps("training")
-    save_checkpoint(model, path, cfg.epochs, trained_for(cfg, novel, with_shot=model.weights_depend_on_shot),
-                    without_base=base is not None)
-    log.info("saved %s", path)
-    val = validate(model, cfg, device, writer) if cfg.val_episodes else None
-    if val is not None:
-        laps("validation")
-    writer.close()
-    seconds = laps.seconds | {"total": sum(laps.seconds.values())}
-    report(cfg, path, seconds, val)
-    return {"checkpoint": str(path), "base_weight": None if base is None else str(base), "base_losses": [],
-            "meta_losses": losses, "validation": val, "seconds": seconds}
+    return save_and_validate(model, cfg, writer, device, laps, losses)
 
 
 def train_learner(model: FewShotModel, store: TapStore, sampler: EpisodeSampler, cfg, writer,
@@ -303,12 +292,19 @@ def train_base_learner(model: PrototypeModel, images: DataLoader, lut: Tensor, c
 def meta_train(model: PrototypeModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor, cfg, writer,
                device: torch.device, laps: Laps) -> dict:
     """Stage 2 of one checkpoint, then save, validate and report."""
-    path, base = checkpoint_path(cfg), base_weight_path(cfg)
     seed_everything(cfg.manual_seed)  # the same dropout masks whether or not stage 1 ran before
     meta_history = train_meta_learner(model, store, sampler, lut, cfg, writer, device)
     laps("stage2")
+    return save_and_validate(model, cfg, writer, device, laps, meta_history["loss"]) | {"meta_history": meta_history}
+
+
+def save_and_validate(model: FewShotModel, cfg, writer, device: torch.device, laps: Laps, losses: list[float]) -> dict:
+    """Save the trained checkpoint (without what the base file holds, when there is one),
+    validate, report; the run's record."""
+    path, base = checkpoint_path(cfg), base_weight_path(cfg)
     novel = novel_classes(cfg.data_set, cfg.split, cfg.use_split_coco)
-    save_checkpoint(model, path, cfg.epochs, trained_for(cfg, novel), without_base=base is not None)
+    save_checkpoint(model, path, cfg.epochs, trained_for(cfg, novel, with_shot=model.weights_depend_on_shot),
+                    without_base=base is not None)
     log.info("saved %s", path)
     val = validate(model, cfg, device, writer) if cfg.val_episodes else None
     if val is not None:
@@ -317,7 +313,7 @@ def meta_train(model: PrototypeModel, store: FeatureStore, sampler: EpisodeSampl
     seconds = laps.seconds | {"total": sum(laps.seconds.values())}
     report(cfg, path, seconds, val)
     return {"checkpoint": str(path), "base_weight": None if base is None else str(base), "base_losses": [],
-            "meta_losses": meta_history["loss"], "meta_history": meta_history, "validation": val, "seconds": seconds}
+            "meta_losses": losses, "validation": val, "seconds": seconds}
 
 
 def train_meta_learner(model: PrototypeModel, store: FeatureStore, sampler: EpisodeSampler, lut: Tensor,
