@@ -13,18 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dataset.episodes import Episode, load_episodes, make_episodes
+from dataset.hsnet_episodes import hsnet_episodes
 from dataset.images import read_image
 from dataset.lists import (Pair, build_fss_lists, fss_list_files, read_data_list, read_label,
                            read_sub_class_file_list)
 from dataset.splits import base_label_lut, novel_classes, num_classes
-from dataset.transforms import padding_map, resized_hw, transform_image, transform_label
+from dataset.transforms import (padding_map, resized_hw, squash_image, squash_label, transform_image,
+                                transform_label)
 from model.contract import IGNORE
 from util.errors import DataError
 from util.paths import repo_path
 
+GEOMETRIES = ("pad", "squash")  # BAM/MSANet's, HSNet's (dataset/transforms.py)
 DEFAULT_LISTS_ROOT = "lists"  # SCHEMA's lists_root: without its files the plain val_list is used
 log = logging.getLogger(__name__)
 def binary_mask(label: np.ndarray, class_id: int) -> np.ndarray:
@@ -38,10 +42,13 @@ class EpisodeDataset(Dataset):
     """Loads the images and labels of fixed episodes and applies the evaluation transform."""
 
     def __init__(self, episodes: list[Episode], data_root: str, data_set: str, split: int,
-                 use_split_coco: bool, val_size: int):
+                 use_split_coco: bool, val_size: int, geometry: str = "pad"):
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
         self.episodes = episodes
         self.data_root = str(data_root)
         self.val_size = val_size
+        self.geometry = geometry
         self.num_classes = num_classes(data_set)
         self.novel = novel_classes(data_set, split, use_split_coco)
         self.lut = base_label_lut(data_set, split, use_split_coco)
@@ -67,20 +74,34 @@ class EpisodeDataset(Dataset):
     def _read_pair(self, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = (os.path.join(self.data_root, p) for p in pair)
         image, label = read_image(image_path), read_label(label_path)
-        if image.shape[:2] != label.shape:
-            raise DataError(f"image {image_path} is {image.shape[:2]} but label {label_path} "
-                            f"is {label.shape}")
-        bad = np.setdiff1d(np.unique(label), [*range(self.num_classes + 1), IGNORE])
-        if bad.size:
-            raise DataError(f"label {label_path} holds values {bad.tolist()} outside "
-                            f"0..{self.num_classes} and {IGNORE}")
+        self._check_label(label, image.shape[:2], image_path, label_path)
         try:
             resized_hw(*label.shape, self.val_size)
         except DataError as err:
             raise DataError(f"{image_path}: {err}") from None
         return image, label
 
+    def _read_pil_pair(self, pair: Pair) -> tuple[Image.Image, np.ndarray]:
+        """The image decoded by PIL, as HSNet reads it (its JPEG decoder is not cv2's), and the label."""
+        image_path, label_path = (os.path.join(self.data_root, p) for p in pair)
+        with Image.open(image_path) as opened:
+            image = opened.convert("RGB")
+        label = read_label(label_path)
+        self._check_label(label, (image.height, image.width), image_path, label_path)
+        return image, label
+
+    def _check_label(self, label: np.ndarray, image_hw: tuple[int, int], image_path: str, label_path: str) -> None:
+        if tuple(image_hw) != label.shape:
+            raise DataError(f"image {image_path} is {tuple(image_hw)} but label {label_path} "
+                            f"is {label.shape}")
+        bad = np.setdiff1d(np.unique(label), [*range(self.num_classes + 1), IGNORE])
+        if bad.size:
+            raise DataError(f"label {label_path} holds values {bad.tolist()} outside "
+                            f"0..{self.num_classes} and {IGNORE}")
+
     def __getitem__(self, i: int) -> dict:
+        if self.geometry == "squash":
+            return self._squashed(i)
         episode = self.episodes[i]
         size, c = self.val_size, episode.class_id
         image, label = self._read_pair(episode.query)
@@ -98,6 +119,36 @@ class EpisodeDataset(Dataset):
             "support_imgs": torch.stack(support_imgs),
             "support_masks": torch.stack(support_masks),
             "padding": padding_map(label.shape[0], label.shape[1], size),
+            "query_mask_orig": torch.from_numpy(query_mask),
+            "query_base_orig": torch.from_numpy(query_base),
+            "class_id": c,
+            "class_idx": self.novel.index(c),
+            "episode_idx": i,
+            "query_name": episode.query[0],
+            "support_names": [s[0] for s in episode.supports],
+        }
+
+
+    def _squashed(self, i: int) -> dict:
+        """HSNet's geometry (dataset/transforms.py): no padding, labels and metrics at val_size."""
+        episode = self.episodes[i]
+        size, c = self.val_size, episode.class_id
+        query, label = self._read_pil_pair(episode.query)
+        query_label = squash_label(label, size)
+        support_imgs, support_masks = [], []
+        for pair in episode.supports:
+            s_image, s_label = self._read_pil_pair(pair)
+            support_imgs.append(squash_image(s_image, size))
+            support_masks.append(squash_label(binary_mask(s_label, c), size))
+        query_mask = binary_mask(query_label.numpy(), c)
+        query_base = self.lut[query_label.numpy()].astype(np.int64)
+        return {
+            "query_img": squash_image(query, size),
+            "query_mask": torch.from_numpy(query_mask),
+            "query_mask_base": torch.from_numpy(query_base),
+            "support_imgs": torch.stack(support_imgs),
+            "support_masks": torch.stack(support_masks),
+            "padding": torch.zeros(size, size, dtype=torch.bool),
             "query_mask_orig": torch.from_numpy(query_mask),
             "query_base_orig": torch.from_numpy(query_base),
             "class_id": c,
@@ -160,7 +211,8 @@ def build_episode_dataset(cfg, seed: int) -> tuple[EpisodeDataset, list[Episode]
     wanted), regenerates both from ``cfg.val_list`` with the 2,048-pixel rule. Any other
     ``lists_root`` must hold the files: another list rule is another benchmark. With ``cfg.episode_file`` set
     (``{seed}`` in its name is replaced by the seed), the episodes are loaded from that file,
-    which must exist and match the config (``_check_loaded``).
+    which must exist and match the config (``_check_loaded``). With ``cfg.hsnet_list`` set
+    (``{split}`` replaced by the fold), they are HSNet's episodes (dataset/hsnet_episodes.py).
     """
     data_set, split, shot = cfg.data_set, cfg.split, cfg.shot
     use_split_coco = bool(getattr(cfg, "use_split_coco", False))
@@ -178,6 +230,10 @@ def build_episode_dataset(cfg, seed: int) -> tuple[EpisodeDataset, list[Episode]
         episodes, _ = load_episodes(str(episode_file))
         _check_loaded(episodes, episode_file, shot, novel, cfg.test_num, root)
         log.info("loaded %d episodes from %s", len(episodes), episode_file)
+    elif getattr(cfg, "hsnet_list", ""):
+        path = repo_path(cfg.hsnet_list.format(split=split))
+        episodes = hsnet_episodes(path, data_set, novel, shot, cfg.test_num)
+        log.info("drew %d episodes from HSNet's list %s as its test does", len(episodes), path)
     else:
         given = str(getattr(cfg, "lists_root", None) or "")
         lists_root = _resolve(given or DEFAULT_LISTS_ROOT)
@@ -202,7 +258,8 @@ def build_episode_dataset(cfg, seed: int) -> tuple[EpisodeDataset, list[Episode]
         episodes = make_episodes(_relative(data_list, root), sub_lists, novel, shot,
                                  cfg.test_num, seed,
                                  label_reader=lambda p: read_label(os.path.join(root, p)))
-    dataset = EpisodeDataset(episodes, str(root), data_set, split, use_split_coco, cfg.val_size)
+    dataset = EpisodeDataset(episodes, str(root), data_set, split, use_split_coco, cfg.val_size,
+                             getattr(cfg, "geometry", "pad"))
     return dataset, episodes
 
 

@@ -45,6 +45,8 @@ def _row(method: str, kind: str, folds: Sequence[Optional[float]] | None, mean: 
 _README = "README mean"
 _RECALLED = "README mean; folds recalled from the paper table (check the PDF)"
 _FILES = "released checkpoint file names (MSANet's own validation)"
+_HSNET = "mean as the BAM and MSANet READMEs quote it; folds recalled from the HSNet paper table (check the PDF)"
+_HSNET_ALL = "mean and folds recalled from the HSNet paper table (check the PDF)"
 
 # (data_set, method, backbone, shot) -> rows. data_set as in the configs: pascal / coco.
 PUBLISHED: dict[tuple[str, str, str, int], list[Published]] = {
@@ -85,6 +87,18 @@ PUBLISHED: dict[tuple[str, str, str, int], list[Published]] = {
     ("coco", "BAM", "vgg", 5): [_row("BAM", "paper", (47.02, 52.62, 48.59, 49.11), 49.34, _RECALLED)],
     ("coco", "BAM", "resnet50", 1): [_row("BAM", "paper", (43.41, 50.59, 47.49, 43.42), 46.23, _RECALLED)],
     ("coco", "BAM", "resnet50", 5): [_row("BAM", "paper", (49.26, 54.20, 51.63, 49.55), 51.16, _RECALLED)],
+    # HSNet (Min et al., ICCV 2021) under its own protocol: 400 x 400 images and labels, 1,000
+    # episodes, seed 0; its K-shot rows vote with the 1-shot models.
+    ("pascal", "HSNet", "vgg", 1): [_row("HSNet", "paper", (59.6, 65.7, 59.6, 54.0), 59.7, _HSNET)],
+    ("pascal", "HSNet", "vgg", 5): [_row("HSNet", "paper", (64.9, 69.0, 64.1, 58.6), 64.1, _HSNET)],
+    ("pascal", "HSNet", "resnet50", 1): [_row("HSNet", "paper", (64.3, 70.7, 60.3, 60.5), 64.0, _HSNET)],
+    ("pascal", "HSNet", "resnet50", 5): [_row("HSNet", "paper", (70.3, 73.2, 67.4, 67.1), 69.5, _HSNET)],
+    ("pascal", "HSNet", "resnet101", 1): [_row("HSNet", "paper", (67.3, 72.3, 62.0, 63.1), 66.2, _HSNET_ALL)],
+    ("pascal", "HSNet", "resnet101", 5): [_row("HSNet", "paper", (71.8, 74.4, 67.0, 68.3), 70.4, _HSNET_ALL)],
+    ("coco", "HSNet", "resnet50", 1): [_row("HSNet", "paper", (36.3, 43.1, 38.7, 38.7), 39.2, _HSNET)],
+    ("coco", "HSNet", "resnet50", 5): [_row("HSNet", "paper", (43.3, 51.3, 48.2, 45.0), 46.9, _HSNET)],
+    ("coco", "HSNet", "resnet101", 1): [_row("HSNet", "paper", (37.2, 44.1, 42.4, 41.3), 41.2, _HSNET)],
+    ("coco", "HSNet", "resnet101", 5): [_row("HSNet", "paper", (45.9, 53.0, 51.8, 47.1), 49.5, _HSNET)],
 }
 
 _EFTNET = "EFTNet README mean over the four folds (no per-fold values published)"

@@ -74,6 +74,12 @@ SCHEMA: dict[str, Any] = {
     # HSNet: memory for one pass of the learner; the (query, shot) pairs go through in groups that
     # fit (EFTNet's s2q decodes K x K of them; 0 = all at once)
     "hsnet_pass_mb": 1024,
+    # evaluation geometry: pad (BAM/MSANet: long side to val_size, padded square canvas, metrics
+    # at the label's resolution) or squash (HSNet: val_size x val_size, metrics at that size)
+    "geometry": "pad",
+    # HSNet's list file of the fold ({split} = the fold): its episodes, drawn as its test does
+    # (seed 0; one seed); '' = the episodes of the BAM/MSANet protocol
+    "hsnet_list": "",
     # A base file (PSPNet layout: backbone and base learner) shared by a fold's checkpoints, which
     # then hold the meta learner only (the demo models); '' = the checkpoint holds everything.
     "base_weight": "",
@@ -124,6 +130,7 @@ BASE_CLASS_COUNT = {"pascal": 15, "coco": 60, "demo": 15}
 
 CHOICES: dict[str, tuple] = {
     "arch": ("MSANet", "BAM", "HSNet"),
+    "geometry": ("pad", "squash"),
     "s2q_query_mask": ("pseudo", "ground_truth"),
     "round_selection": ("s2q", "s2q_stop", "soft_vote", "s2q_vote", "stop_vote"),  # model.round_selection.RULES
     "data_set": tuple(BASE_CLASS_COUNT),
@@ -300,6 +307,10 @@ def _validate(cfg: CfgNode, where: str) -> None:
          "seed would run the same episodes and be averaged as if independent; name one file per seed with "
          "{seed} (e.g. episodes_seed{seed}.json) or set num_seeds 1"),
         (cfg.num_seeds >= 1, f"num_seeds must be >= 1, got {cfg.num_seeds}"),
+        (not cfg.hsnet_list or cfg.num_seeds == 1,
+         f"hsnet_list gives HSNet's episodes, which are drawn with its one seed (0), but num_seeds is "
+         f"{cfg.num_seeds}: every seed would run the same episodes; set num_seeds 1"),
+        (not (cfg.hsnet_list and cfg.episode_file), "hsnet_list and episode_file both give the episodes: set one"),
         (cfg.tb_images >= 0, f"tb_images must be >= 0, got {cfg.tb_images}"),
         (cfg.bootstrap_draws >= 1000, f"bootstrap_draws must be >= 1000 (a 95% interval), got {cfg.bootstrap_draws}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
@@ -359,7 +370,7 @@ def config_warnings(cfg: CfgNode) -> list[str]:
     """Values the reference accepts but that change what the numbers mean; a run prints each
     loudly and stores it in its results."""
     warnings = []
-    if (cfg.val_size - 1) % 8:
+    if cfg.geometry == "pad" and (cfg.val_size - 1) % 8:
         warnings.append(f"val_size {cfg.val_size} is not 8k+1 (473 for PASCAL, 641 for COCO): with zoom_factor 8 "
                         "the output maps are not aligned with the input grid and the numbers are not comparable "
                         "with published ones (base-class mIoU drops sharply)")
