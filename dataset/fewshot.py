@@ -100,55 +100,29 @@ class EpisodeDataset(Dataset):
                             f"0..{self.num_classes} and {IGNORE}")
 
     def __getitem__(self, i: int) -> dict:
-        if self.geometry == "squash":
-            return self._squashed(i)
         episode = self.episodes[i]
         size, c = self.val_size, episode.class_id
-        image, label = self._read_pair(episode.query)
+        squash = self.geometry == "squash"
+        read = self._read_pil_pair if squash else self._read_pair
+        image_at, label_at = (squash_image, squash_label) if squash else (transform_image, transform_label)
+        image, label = read(episode.query)
+        if squash:  # HSNet's labels, and so its metrics, are at the canvas size
+            label = squash_label(label, size).numpy()
         query_mask = binary_mask(label, c)
         query_base = self.lut[label].astype(np.int64)
         support_imgs, support_masks = [], []
         for pair in episode.supports:  # already in model order
-            s_image, s_label = self._read_pair(pair)
-            support_imgs.append(transform_image(s_image, size))
-            support_masks.append(transform_label(binary_mask(s_label, c), size))
+            s_image, s_label = read(pair)
+            support_imgs.append(image_at(s_image, size))
+            support_masks.append(label_at(binary_mask(s_label, c), size))
+        padding = torch.zeros(size, size, dtype=torch.bool) if squash else padding_map(*label.shape, size)
         return {
-            "query_img": transform_image(image, size),
-            "query_mask": transform_label(query_mask, size),
-            "query_mask_base": transform_label(query_base, size),
+            "query_img": image_at(image, size),
+            "query_mask": label_at(query_mask, size),
+            "query_mask_base": label_at(query_base, size),
             "support_imgs": torch.stack(support_imgs),
             "support_masks": torch.stack(support_masks),
-            "padding": padding_map(label.shape[0], label.shape[1], size),
-            "query_mask_orig": torch.from_numpy(query_mask),
-            "query_base_orig": torch.from_numpy(query_base),
-            "class_id": c,
-            "class_idx": self.novel.index(c),
-            "episode_idx": i,
-            "query_name": episode.query[0],
-            "support_names": [s[0] for s in episode.supports],
-        }
-
-
-    def _squashed(self, i: int) -> dict:
-        """HSNet's geometry (dataset/transforms.py): no padding, labels and metrics at val_size."""
-        episode = self.episodes[i]
-        size, c = self.val_size, episode.class_id
-        query, label = self._read_pil_pair(episode.query)
-        query_label = squash_label(label, size)
-        support_imgs, support_masks = [], []
-        for pair in episode.supports:
-            s_image, s_label = self._read_pil_pair(pair)
-            support_imgs.append(squash_image(s_image, size))
-            support_masks.append(squash_label(binary_mask(s_label, c), size))
-        query_mask = binary_mask(query_label.numpy(), c)
-        query_base = self.lut[query_label.numpy()].astype(np.int64)
-        return {
-            "query_img": squash_image(query, size),
-            "query_mask": torch.from_numpy(query_mask),
-            "query_mask_base": torch.from_numpy(query_base),
-            "support_imgs": torch.stack(support_imgs),
-            "support_masks": torch.stack(support_masks),
-            "padding": torch.zeros(size, size, dtype=torch.bool),
+            "padding": padding,
             "query_mask_orig": torch.from_numpy(query_mask),
             "query_base_orig": torch.from_numpy(query_base),
             "class_id": c,

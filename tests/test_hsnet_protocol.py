@@ -33,6 +33,17 @@ def test_squash_is_hsnets_test_transform():
     assert torch.equal(squash_label(label, 400), expected)
 
 
+def hsnet_supports(names: list[str], query: str, shot: int) -> list[str]:
+    """HSNet's support loop: draw one name at a time from the global generator, skip the query."""
+    supports = []
+    while True:
+        name = np.random.choice(names, 1, replace=False)[0]
+        if query != name:
+            supports.append(name)
+        if len(supports) == shot:
+            return supports
+
+
 def hsnet_pascal_loop(lines: list[str], shot: int, episodes: int) -> list[tuple[str, int, list[str]]]:
     """HSNet's PASCAL test sampling, written out with NumPy's global generator as its code runs it."""
     metadata = [(line.split("__")[0], int(line.split("__")[1]) - 1) for line in lines]
@@ -43,14 +54,7 @@ def hsnet_pascal_loop(lines: list[str], shot: int, episodes: int) -> list[tuple[
     out = []
     for idx in range(episodes):
         query, cls = metadata[idx % len(metadata)]
-        supports = []
-        while True:
-            name = np.random.choice(classwise[cls], 1, replace=False)[0]
-            if query != name:
-                supports.append(name)
-            if len(supports) == shot:
-                break
-        out.append((query, cls + 1, supports))
+        out.append((query, cls + 1, hsnet_supports(classwise[cls], query, shot)))
     return out
 
 
@@ -62,14 +66,7 @@ def hsnet_coco_loop(lists: dict[int, list[str]], fold: int, shot: int, episodes:
     for _ in range(episodes):
         cls = np.random.choice(class_ids, 1, replace=False)[0]
         query = np.random.choice(lists[cls], 1, replace=False)[0]
-        supports = []
-        while True:
-            name = np.random.choice(lists[cls], 1, replace=False)[0]
-            if query != name:
-                supports.append(name)
-            if len(supports) == shot:
-                break
-        out.append((query, int(cls) + 1, supports))
+        out.append((query, int(cls) + 1, hsnet_supports(lists[cls], query, shot)))
     return out
 
 
