@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models import mobilenet_v2, resnet50, resnet101
 from torchvision.models.vgg import cfgs as vgg_configs, make_layers as vgg_features
 
@@ -307,17 +308,28 @@ class HSNet(FewShotModel):
         b, k = guidance.corr_l4.shape[:2]
         pyramid = guidance.pyramid()
         step = self.pairs_per_pass(pyramid)
-        logits = torch.cat([resize(self.hpn_learner([t[i:i + step] for t in pyramid]), query.image_size)
-                            for i in range(0, b * k, step)])
+        passes = [[t[i:i + step] for t in pyramid] for i in range(0, b * k, step)]
+        if len(passes) > 1 and torch.is_grad_enabled():
+            # Recompute each pass in the backward instead of keeping its activations: EFTNet's
+            # q2s with K shots would otherwise hold every pass's 4-D maps for its one step.
+            outputs = [checkpoint(self._learner, *levels, use_reentrant=False) for levels in passes]
+        else:
+            outputs = [self._learner(*levels) for levels in passes]
+        logits = resize(torch.cat(outputs), query.image_size)
         logits = logits.view(b, k, *logits.shape[1:])
         if k == 1:
             return Prediction(final=logits[:, 0], meta=logits[:, 0])
         return Prediction(final=vote(logits), meta=logits.mean(1))
 
+    def _learner(self, *levels: Tensor) -> Tensor:
+        return self.hpn_learner(list(levels))
+
     def pairs_per_pass(self, pyramid: list[Tensor]) -> int:
         """How many (query, shot) pairs go through the learner at once: all of them, or as many
         as fit in ``pass_mb`` (at least one). A pass takes about four times its input: the first
-        4-D convolution holds a permuted copy of the finest level and two outputs of its size."""
+        4-D convolution holds a permuted copy of the finest level and two outputs of its size.
+        With gradients, split passes are recomputed in the backward (activation checkpointing),
+        so that only one pass's activations are held at a time."""
         pairs = pyramid[0].shape[0]
         if self.pass_mb <= 0:
             return pairs
