@@ -137,9 +137,40 @@ class Hypercorrelation(ShotTable, Blendable):
     corr_l3: Tensor
     corr_l2: Tensor
 
-    def pyramid(self) -> list[Tensor]:
-        """The learner's input, the (query, shot) pairs flattened into its batch: [l4, l3, l2]."""
-        return [t.flatten(0, 1) for t in (self.corr_l4, self.corr_l3, self.corr_l2)]
+    @property
+    def pairs(self) -> tuple[int, int]:
+        """(queries, shots)."""
+        return tuple(self.corr_l4.shape[:2])
+
+    def levels(self, start: int, stop: int) -> list[Tensor]:
+        """The learner's input [l4, l3, l2] for the (query, shot) pairs ``start:stop`` of the
+        flattened pair axis (query-major)."""
+        return [t.flatten(0, 1)[start:stop] for t in (self.corr_l4, self.corr_l3, self.corr_l2)]
+
+    def blend(self, other: "Hypercorrelation", weights: tuple[float, float]) -> "BlendedHypercorrelation":
+        """``w0 * self + w1 * other``, computed pass by pass when decoded (a K x K table of
+        EFTNet's s2q is not copied whole)."""
+        return BlendedHypercorrelation(self, other, weights)
+
+
+@dataclass
+class BlendedHypercorrelation:
+    """EFTNet's guidance ``w0 * real + w1 * same``: ``same`` holds one shot per query, mixed into
+    every shot of ``real``; the learner's input of a pass is computed when asked for."""
+
+    real: Hypercorrelation
+    same: Hypercorrelation
+    weights: tuple[float, float]
+
+    @property
+    def pairs(self) -> tuple[int, int]:
+        return self.real.pairs
+
+    def levels(self, start: int, stop: int) -> list[Tensor]:
+        w0, w1 = self.weights
+        queries = torch.arange(start, stop, device=self.real.corr_l4.device) // self.pairs[1]
+        same = self.same.levels(0, self.same.pairs[0])
+        return [r * w0 + s[queries] * w1 for r, s in zip(self.real.levels(start, stop), same)]
 
 
 def unit_maps(feat: Tensor) -> Tensor:
@@ -304,11 +335,10 @@ class HSNet(FewShotModel):
         return stats
 
     # ---- 4. ----
-    def decode(self, query: FeatureStack, guidance: Hypercorrelation) -> Prediction:
-        b, k = guidance.corr_l4.shape[:2]
-        pyramid = guidance.pyramid()
-        step = self.pairs_per_pass(pyramid)
-        passes = [[t[i:i + step] for t in pyramid] for i in range(0, b * k, step)]
+    def decode(self, query: FeatureStack, guidance: Hypercorrelation | BlendedHypercorrelation) -> Prediction:
+        b, k = guidance.pairs
+        step = self.pairs_per_pass(guidance)
+        passes = [guidance.levels(i, min(i + step, b * k)) for i in range(0, b * k, step)]
         if len(passes) > 1 and torch.is_grad_enabled():
             # Recompute each pass in the backward instead of keeping its activations: EFTNet's
             # q2s with K shots would otherwise hold every pass's 4-D maps for its one step.
@@ -324,17 +354,18 @@ class HSNet(FewShotModel):
     def _learner(self, *levels: Tensor) -> Tensor:
         return self.hpn_learner(list(levels))
 
-    def pairs_per_pass(self, pyramid: list[Tensor]) -> int:
+    def pairs_per_pass(self, guidance: Hypercorrelation | BlendedHypercorrelation) -> int:
         """How many (query, shot) pairs go through the learner at once: all of them, or as many
         as fit in ``pass_mb`` (at least one). A pass takes about four times its input: the first
         4-D convolution holds a permuted copy of the finest level and two outputs of its size.
         With gradients, split passes are recomputed in the backward (activation checkpointing),
         so that only one pass's activations are held at a time."""
-        pairs = pyramid[0].shape[0]
+        b, k = guidance.pairs
         if self.pass_mb <= 0:
-            return pairs
-        per_pair = PASS_FACTOR * sum(t[0].numel() for t in pyramid) * pyramid[0].element_size()
-        return max(1, min(pairs, int(self.pass_mb * 2**20 // per_pair)))
+            return b * k
+        one = guidance.levels(0, 1)
+        per_pair = PASS_FACTOR * sum(t.numel() * t.element_size() for t in one)
+        return max(1, min(b * k, int(self.pass_mb * 2**20 // per_pair)))
 
     # ---- what EFTNet adapts ----
     def adapted_modules(self) -> list[nn.Module]:

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from model.eftnet import EFTNet, EFTNetSettings
-from model.hsnet import LEVELS, CenterPivotConv4d, FeatureStack, HSNet, vote
+from model.hsnet import LEVELS, CenterPivotConv4d, FeatureStack, HSNet, Hypercorrelation, vote
 from tests.synthetic import SIZE, make_episode
 
 CORRELATION_EPS = 1e-5
@@ -278,17 +278,32 @@ def test_three_shot_forward_votes_the_one_shot_predictions(three_shot):
 def test_a_memory_budget_splits_the_pairs_without_changing_the_outputs(three_shot):
     model, (query, supports, masks) = three_shot
     whole = model(query, supports, masks)
-    pyramid = model.match(model.extract(query), model.extract(supports.flatten(0, 1)), masks).pyramid()
-    per_pair = 4 * sum(t[0].numel() for t in pyramid) * 4 / 2**20              # MB, float32
+    stats = model.match(model.extract(query), model.extract(supports.flatten(0, 1)), masks)
+    per_pair = 4 * sum(t[0, 0].numel() for t in (stats.corr_l4, stats.corr_l3, stats.corr_l2)) * 4 / 2**20  # MB
     try:
         for budget, groups in ((2.5 * per_pair, 2), (0.1 * per_pair, 1)):  # 6 pairs: 3 passes of 2, 6 of 1
             model.pass_mb = budget
-            assert model.pairs_per_pass(pyramid) == groups
+            assert model.pairs_per_pass(stats) == groups
             split = model(query, supports, masks)
             torch.testing.assert_close(split.meta, whole.meta, rtol=1e-5, atol=1e-6)
             assert torch.equal(split.final.argmax(1), whole.final.argmax(1))
     finally:
         model.pass_mb = 0
+
+
+def test_blended_guidance_is_the_fieldwise_mix_pass_by_pass():
+    """EFTNet's blend of a [B, K] table with a [B, 1] one, computed for any range of pairs."""
+    g = torch.Generator().manual_seed(3)
+
+    def table(k: int) -> Hypercorrelation:
+        return Hypercorrelation(*(torch.rand(2, k, n, 3, 3, 2, 2, generator=g) for n in (1, 2, 3)))
+
+    real, same = table(3), table(1)
+    blended = real.blend(same, (0.8, 0.2))
+    for start, stop in ((0, 6), (2, 5), (5, 6)):
+        for got, r, s in zip(blended.levels(start, stop), (real.corr_l4, real.corr_l3, real.corr_l2),
+                             (same.corr_l4, same.corr_l3, same.corr_l2)):
+            assert torch.equal(got, (r * 0.8 + s * 0.2).flatten(0, 1)[start:stop])
 
 
 def test_split_passes_give_the_same_gradients(three_shot):
