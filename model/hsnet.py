@@ -152,13 +152,41 @@ class Hypercorrelation(ShotTable, Blendable):
         EFTNet's s2q is not copied whole)."""
         return BlendedHypercorrelation(self, other, weights)
 
+    def replace_diagonal(self, other: "Hypercorrelation") -> "DiagonalReplaced":
+        """The square [K, K] table with entry [i, i] taken from ``other`` [K, 1], read pass by
+        pass rather than copied."""
+        return DiagonalReplaced(self, other)
+
+
+@dataclass
+class DiagonalReplaced:
+    """EFTNet's s2q table: the supports' [K, K] table with the query in each support's slot."""
+
+    table: Hypercorrelation
+    diagonal: Hypercorrelation
+
+    @property
+    def pairs(self) -> tuple[int, int]:
+        return self.table.pairs
+
+    def levels(self, start: int, stop: int) -> list[Tensor]:
+        k = self.pairs[1]
+        index = torch.arange(start, stop, device=self.table.corr_l4.device)
+        on_diagonal = (index // k == index % k).view(-1, *[1] * 5)
+        rows = self.diagonal.levels(0, self.diagonal.pairs[0])
+        return [torch.where(on_diagonal, d[index // k], t)
+                for t, d in zip(self.table.levels(start, stop), rows)]
+
+    def blend(self, other: Hypercorrelation, weights: tuple[float, float]) -> "BlendedHypercorrelation":
+        return BlendedHypercorrelation(self, other, weights)
+
 
 @dataclass
 class BlendedHypercorrelation:
     """EFTNet's guidance ``w0 * real + w1 * same``: ``same`` holds one shot per query, mixed into
     every shot of ``real``; the learner's input of a pass is computed when asked for."""
 
-    real: Hypercorrelation
+    real: Hypercorrelation | DiagonalReplaced
     same: Hypercorrelation
     weights: tuple[float, float]
 
@@ -168,9 +196,13 @@ class BlendedHypercorrelation:
 
     def levels(self, start: int, stop: int) -> list[Tensor]:
         w0, w1 = self.weights
-        queries = torch.arange(start, stop, device=self.real.corr_l4.device) // self.pairs[1]
+        queries = torch.arange(start, stop, device=self.same.corr_l4.device) // self.pairs[1]
         same = self.same.levels(0, self.same.pairs[0])
         return [r * w0 + s[queries] * w1 for r, s in zip(self.real.levels(start, stop), same)]
+
+
+# What ``decode`` reads: a table, or EFTNet's views of tables (``pairs``, ``levels``).
+Guidance = Hypercorrelation | DiagonalReplaced | BlendedHypercorrelation
 
 
 def unit_maps(feat: Tensor) -> Tensor:
@@ -331,11 +363,11 @@ class HSNet(FewShotModel):
     def embed(self, images: FeatureStack) -> Tensor:
         return images.taps[0].new_zeros(images.batch, 0)
 
-    def guide(self, stats: Hypercorrelation, embeddings: Tensor) -> Hypercorrelation:
+    def guide(self, stats: Guidance, embeddings: Tensor) -> Guidance:
         return stats
 
     # ---- 4. ----
-    def decode(self, query: FeatureStack, guidance: Hypercorrelation | BlendedHypercorrelation) -> Prediction:
+    def decode(self, query: FeatureStack, guidance: Guidance) -> Prediction:
         b, k = guidance.pairs
         step = self.pairs_per_pass(guidance)
         passes = [guidance.levels(i, min(i + step, b * k)) for i in range(0, b * k, step)]
@@ -354,7 +386,7 @@ class HSNet(FewShotModel):
     def _learner(self, *levels: Tensor) -> Tensor:
         return self.hpn_learner(list(levels))
 
-    def pairs_per_pass(self, guidance: Hypercorrelation | BlendedHypercorrelation) -> int:
+    def pairs_per_pass(self, guidance: Guidance) -> int:
         """How many (query, shot) pairs go through the learner at once: all of them, or as many
         as fit in ``pass_mb`` (at least one). A pass takes about four times its input: the first
         4-D convolution holds a permuted copy of the finest level and two outputs of its size.

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from model.eftnet import EFTNet, EFTNetSettings
+from model.base import ShotTable
 from model.hsnet import LEVELS, CenterPivotConv4d, FeatureStack, HSNet, Hypercorrelation, vote
 from tests.synthetic import SIZE, make_episode
 
@@ -304,6 +305,23 @@ def test_blended_guidance_is_the_fieldwise_mix_pass_by_pass():
         for got, r, s in zip(blended.levels(start, stop), (real.corr_l4, real.corr_l3, real.corr_l2),
                              (same.corr_l4, same.corr_l3, same.corr_l2)):
             assert torch.equal(got, (r * 0.8 + s * 0.2).flatten(0, 1)[start:stop])
+
+
+def test_the_s2q_table_read_pass_by_pass_equals_the_copied_one():
+    """The query in each support's slot of a [K, K] table, then blended, as ShotTable computes it."""
+    g = torch.Generator().manual_seed(4)
+    table = Hypercorrelation(*(torch.rand(3, 3, n, 3, 3, 2, 2, generator=g) for n in (1, 2, 3)))
+    query = Hypercorrelation(*(torch.rand(3, 1, n, 3, 3, 2, 2, generator=g) for n in (1, 2, 3)))
+    copied = ShotTable.replace_diagonal(table, query)
+    lazy = table.replace_diagonal(query)
+    for start, stop in ((0, 9), (3, 7), (8, 9)):
+        expected = [t.flatten(0, 1)[start:stop] for t in (copied.corr_l4, copied.corr_l3, copied.corr_l2)]
+        assert all(torch.equal(a, b) for a, b in zip(lazy.levels(start, stop), expected))
+        mixed = lazy.blend(table.diagonal(), (0.8, 0.2)).levels(start, stop)
+        eager = ShotTable.replace_diagonal(table, query)
+        own = table.diagonal()
+        for got, r, d in zip(mixed, (eager.corr_l4, eager.corr_l3, eager.corr_l2), (own.corr_l4, own.corr_l3, own.corr_l2)):
+            assert torch.equal(got, (r * 0.8 + d * 0.2).flatten(0, 1)[start:stop])
 
 
 def test_split_passes_give_the_same_gradients(three_shot):
