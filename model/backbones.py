@@ -103,7 +103,7 @@ def bottleneck_tap(block: Bottleneck, x: Tensor) -> tuple[Tensor, Tensor]:
     return pre, F.relu(pre)
 
 
-def linear_block_tap(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+def _linear_block_tap(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """MobileNetV2 blocks end without an activation: the tap is the output."""
     out = block(x)
     return out, out
@@ -119,7 +119,7 @@ def run_blocks(layers: list[nn.Module], x: Tensor, with_taps: bool) -> tuple[lis
             if not with_taps:
                 feat = block(feat)
                 continue
-            tap, feat = (bottleneck_tap if isinstance(block, Bottleneck) else linear_block_tap)(block, feat)
+            tap, feat = (bottleneck_tap if isinstance(block, Bottleneck) else _linear_block_tap)(block, feat)
             if stage_index > 1 or block_index == len(stage) - 1:
                 taps.append(tap)
         stages.append(feat)

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models import mobilenet_v2, resnet50, resnet101
 from torchvision.models.vgg import cfgs as vgg_configs, make_layers as vgg_features
 
-from model.backbones import bottleneck_tap, linear_block_tap
+from model.backbones import bottleneck_tap
 from model.base import Blendable, FewShotModel, Prediction, ShotTable
 from model.ops import resize
 
@@ -98,15 +98,6 @@ def feature_taps(features: nn.Sequential, images: Tensor, indices: tuple[int, ..
         feat = module(feat)
         if index in indices:
             taps.append(feat.clone())
-    return taps
-
-
-def mobilenet_taps(features: nn.Sequential, images: Tensor) -> list[Tensor]:
-    feat = features[:MOBILENET_TAPS[0]](images)
-    taps = []
-    for block in features[MOBILENET_TAPS[0]:MOBILENET_TAPS[-1] + 1]:
-        tap, feat = linear_block_tap(block, feat)
-        taps.append(tap)
     return taps
 
 
@@ -272,7 +263,7 @@ class HypercorrelationLearner(nn.Module):
     def __init__(self, levels: tuple[int, int, int], widths: tuple[int, int, int] = WIDTHS):
         super().__init__()
         n2, n3, n4 = levels
-        narrow, middle, wide = widths
+        _, middle, wide = widths
         self.encoder_layer4 = squeeze_block(n4, widths, (3, 3, 3), (2, 2, 2))
         self.encoder_layer3 = squeeze_block(n3, widths, (5, 3, 3), (4, 2, 2))
         self.encoder_layer2 = squeeze_block(n2, widths, (5, 5, 3), (4, 4, 2))
@@ -337,7 +328,7 @@ class HSNet(FewShotModel):
         elif self.backbone_name == "vgg":
             taps = feature_taps(self.backbone.features, images, VGG_TAPS)
         else:
-            taps = mobilenet_taps(self.backbone.features, images)
+            taps = feature_taps(self.backbone.features, images, MOBILENET_TAPS)
         return FeatureStack(taps, tuple(images.shape[-2:]))
 
     # ---- 2. ----
