@@ -275,6 +275,7 @@ def test_report_takes_the_folds_of_one_setting(fold_results):
     (["episode_file", "my_episodes.json", "num_seeds", "3"], ["episode_file", "{seed}", "num_seeds is 3"]),
     (["test_num", "1000000000"], ["test_num must be <= 100000", "1000000000"]),
     (["round_selection", "stop_vote", "s2q_query_mask", "ground_truth"], ["round_selection 'stop_vote'", "pseudo"]),
+    (["arch", "HSNet", "hsnet_widths", "[5,8,8]"], ["hsnet_widths must be three multiples of 4", "[5, 8, 8]"]),
 ])
 def test_values_that_change_the_numbers_refuse(setup, tmp_path, capsys, opts, names):
     _, path, _ = setup

@@ -311,6 +311,8 @@ def _validate(cfg: CfgNode, where: str) -> None:
          f"hsnet_list gives HSNet's episodes, which are drawn with its one seed (0), but num_seeds is "
          f"{cfg.num_seeds}: every seed would run the same episodes; set num_seeds 1"),
         (not (cfg.hsnet_list and cfg.episode_file), "hsnet_list and episode_file both give the episodes: set one"),
+        (len(cfg.hsnet_widths) == 3 and all(isinstance(w, int) and w >= 4 and w % 4 == 0 for w in cfg.hsnet_widths),
+         f"hsnet_widths must be three multiples of 4 (GroupNorm's 4 groups), got {cfg.hsnet_widths!r}"),
         (cfg.tb_images >= 0, f"tb_images must be >= 0, got {cfg.tb_images}"),
         (cfg.bootstrap_draws >= 1000, f"bootstrap_draws must be >= 1000 (a 95% interval), got {cfg.bootstrap_draws}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
