@@ -7,7 +7,8 @@ separately within an episode:
    its batch size (``.batch``) and slices along it (``features[i:j]``).
 2. ``match(query, support, masks)``: parameter-free statistics of every (query, support shot)
    pair, a :class:`ShotTable` laid out [B, K, ...]; ``matcher`` gives the same for fixed images
-   and masks that change from call to call (EFTNet's rounds), and may keep work between calls.
+   and masks that change from call to call (EFTNet's rounds), and may keep work between calls;
+   ``support_table`` the supports against each other.
 3. ``embed(images)`` + ``guide(stats, embeddings)``: the trainable per-image encoding of the
    supports (may be empty) and the guidance of the decoder, a :class:`Blendable`.
 4. ``decode(query, guidance)``: the :class:`Prediction`.
@@ -113,6 +114,13 @@ class FewShotModel(nn.Module):
         """``match`` for fixed images and masks that change from call to call (EFTNet's
         rounds); a model may keep work between calls within ``budget`` (a CacheBudget)."""
         return lambda masks: self.match(query, support, masks)
+
+    def support_table(self, supports: Any, masks: Tensor, budget: Optional[Any] = None) -> ShotTable:
+        """Each support against every support under the fixed ``masks`` [1,K,S,S]: the [K, K]
+        table that EFTNet's s2q reads every round. The default computes it at once, a row per
+        support; a model whose table is large may compute entries as they are read, keeping
+        what fits in ``budget`` (a CacheBudget; None: nothing)."""
+        return ShotTable.cat([self.match(supports[k:k + 1], supports, masks) for k in range(supports.batch)], dim=0)
 
     # ---- 3. trainable guidance ------------------------------------------------------------
     def embed(self, images: Any) -> Tensor:

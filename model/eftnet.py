@@ -215,13 +215,12 @@ class EFTNet:
         """Everything fixed within the episode, and the zero round (the plain base model)."""
         model = self.model
         query, supports = model.extract(query_img), model.extract(support_imgs)
-        with torch.no_grad():  # parameter-free statistics of the fixed support masks: once per episode
-            real = model.match(query, supports, support_masks)
-            pairs = ShotTable.cat([model.match(supports[k:k + 1], supports, support_masks)
-                                   for k in range(supports.batch)], dim=0)
-            zero = model.decode(query, model.guide(real, model.embed(supports)[None]))
         cache_bytes = int(self.settings.similarity_cache_mb * 2**20)
         budget = CacheBudget(cache_bytes) if cache_bytes > 0 else None   # None: match directly
+        with torch.no_grad():  # parameter-free statistics of the fixed support masks: once per episode
+            real = model.match(query, supports, support_masks)
+            pairs = model.support_table(supports, support_masks, budget)
+            zero = model.decode(query, model.guide(real, model.embed(supports)[None]))
         # Only the query's masks change between rounds: as a support of itself (q2s) and of each support (s2q).
         state = _State(query, supports, support_masks, real, pairs,
                        model.matcher(query, query, budget), model.matcher(supports, query, budget))
@@ -313,6 +312,6 @@ class _State:
     supports: Any
     support_masks: Tensor
     real: ShotTable                       # the query against the real supports
-    pairs: ShotTable                      # each support against all supports [K, K]
+    pairs: ShotTable                      # each support against all supports [K, K] (``support_table``)
     q2s_match: Callable[[Tensor], ShotTable]   # the query against itself under a mask
     s2q_match: Callable[[Tensor], ShotTable]   # each support against the query under a mask

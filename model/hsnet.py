@@ -24,7 +24,7 @@ for shape and dropped (``unused_checkpoint_keys``) rather than built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ from torchvision.models.vgg import cfgs as vgg_configs, make_layers as vgg_featu
 from model.backbones import bottleneck_tap
 from model.base import Blendable, FewShotModel, Prediction, ShotTable
 from model.ops import resize
+from model.similarity import CacheBudget
 
 PASS_FACTOR = 4  # a learner pass's peak memory over its input's (``pairs_per_pass``)
 UNIT_EPS = 1e-5  # HSNet's epsilon in x / (|x| + eps) before the correlation
@@ -153,7 +154,7 @@ class Hypercorrelation(ShotTable, Blendable):
 class DiagonalReplaced:
     """EFTNet's s2q table: the supports' [K, K] table with the query in each support's slot."""
 
-    table: Hypercorrelation
+    table: Hypercorrelation | SupportTable
     diagonal: Hypercorrelation
 
     @property
@@ -161,12 +162,10 @@ class DiagonalReplaced:
         return self.table.pairs
 
     def levels(self, start: int, stop: int) -> list[Tensor]:
-        k = self.pairs[1]
-        index = torch.arange(start, stop, device=self.table.corr_l4.device)
-        on_diagonal = (index // k == index % k).view(-1, *[1] * 5)
-        rows = self.diagonal.levels(0, self.diagonal.pairs[0])
-        return [torch.where(on_diagonal, d[index // k], t)
-                for t, d in zip(self.table.levels(start, stop), rows)]
+        k = self.pairs[1]  # the table's own diagonal entries are never read
+        parts = [self.diagonal.levels(i // k, i // k + 1) if i // k == i % k else self.table.levels(i, i + 1)
+                 for i in range(start, stop)]
+        return [torch.cat(level) for level in zip(*parts)]
 
     def blend(self, other: Hypercorrelation, weights: tuple[float, float]) -> "BlendedHypercorrelation":
         return BlendedHypercorrelation(self, other, weights)
@@ -178,7 +177,7 @@ class BlendedHypercorrelation:
     every shot of ``real``; the learner's input of a pass is computed when asked for."""
 
     real: Hypercorrelation | DiagonalReplaced
-    same: Hypercorrelation
+    same: Hypercorrelation | SupportTable
     weights: tuple[float, float]
 
     @property
@@ -187,13 +186,62 @@ class BlendedHypercorrelation:
 
     def levels(self, start: int, stop: int) -> list[Tensor]:
         w0, w1 = self.weights
-        queries = torch.arange(start, stop, device=self.same.corr_l4.device) // self.pairs[1]
-        same = self.same.levels(0, self.same.pairs[0])
-        return [r * w0 + s[queries] * w1 for r, s in zip(self.real.levels(start, stop), same)]
+        real = self.real.levels(start, stop)
+        first = start // self.pairs[1]          # the queries of the pairs start:stop, and only those
+        same = self.same.levels(first, (stop - 1) // self.pairs[1] + 1)
+        queries = torch.arange(start, stop, device=real[0].device) // self.pairs[1] - first
+        return [r * w0 + s[queries] * w1 for r, s in zip(real, same)]
+
+
+class PairEntries:
+    """Hypercorrelations of support i (as the query) with support j (under its mask), computed
+    when asked for and kept while ``budget`` allows (None: never kept)."""
+
+    def __init__(self, model: "HSNet", supports: FeatureStack, masks: Tensor, budget: Optional[CacheBudget]):
+        self.model, self.supports, self.masks, self.budget = model, supports, masks, budget
+        self.rows = [supports[i:i + 1] for i in range(supports.batch)]
+        self.kept: dict[tuple[int, int], list[Tensor]] = {}
+
+    def __call__(self, i: int, j: int) -> list[Tensor]:
+        """[l4, l3, l2] of entry [i, j], each [1, blocks, h, w, h, w]."""
+        if (i, j) in self.kept:
+            return self.kept[i, j]
+        levels = self.model.match(self.rows[i], self.supports[j:j + 1], self.masks[:, j:j + 1]).levels(0, 1)
+        if self.budget is not None and self.budget.take(sum(t.numel() * t.element_size() for t in levels)):
+            self.kept[i, j] = levels
+        return levels
+
+
+@dataclass
+class SupportTable:
+    """EFTNet's [K, K] table of the supports against each other, read pass by pass from
+    :class:`PairEntries`: entries past the budget are recomputed at every read, so the table
+    takes at most the budget (a 400 px ResNet-50 entry is 110 MB, and there are K x K)."""
+
+    entries: PairEntries
+    cells: list[tuple[int, int]]     # (i, j) of each pair, query-major
+    pairs: tuple[int, int]
+
+    @classmethod
+    def square(cls, entries: PairEntries) -> "SupportTable":
+        k = entries.supports.batch
+        return cls(entries, [(i, j) for i in range(k) for j in range(k)], (k, k))
+
+    def levels(self, start: int, stop: int) -> list[Tensor]:
+        parts = [self.entries(i, j) for i, j in self.cells[start:stop]]
+        return [torch.cat(level) for level in zip(*parts)]
+
+    def diagonal(self) -> "SupportTable":
+        """Entry [i, i] as [K, 1]."""
+        k = self.pairs[0]
+        return SupportTable(self.entries, [(i, i) for i in range(k)], (k, 1))
+
+    def replace_diagonal(self, other: Hypercorrelation) -> DiagonalReplaced:
+        return DiagonalReplaced(self, other)
 
 
 # What ``decode`` reads: a table, or EFTNet's views of tables (``pairs``, ``levels``).
-Guidance = Hypercorrelation | DiagonalReplaced | BlendedHypercorrelation
+Guidance = Hypercorrelation | DiagonalReplaced | BlendedHypercorrelation | SupportTable
 
 
 def unit_maps(feat: Tensor) -> Tensor:
@@ -344,6 +392,11 @@ class HSNet(FewShotModel):
         return Hypercorrelation(corr_l4=torch.stack(maps[n2 + n3:], 2), corr_l3=torch.stack(maps[n2:n2 + n3], 2),
                                 corr_l2=torch.stack(maps[:n2], 2))
 
+    def support_table(self, supports: FeatureStack, masks: Tensor, budget: Optional[CacheBudget] = None) -> SupportTable:
+        """The [K, K] table computed entry by entry as it is read, within ``budget``."""
+        self._query_units(supports)  # once for the stack; its rows' slices share them
+        return SupportTable.square(PairEntries(self, supports, masks, budget))
+
     @staticmethod
     def _query_units(feats: FeatureStack) -> list[Tensor]:
         if "units" not in feats.cache:
@@ -360,7 +413,7 @@ class HSNet(FewShotModel):
     # ---- 4. ----
     def decode(self, query: FeatureStack, guidance: Guidance) -> Prediction:
         b, k = guidance.pairs
-        step = self.pairs_per_pass(guidance)
+        step = self.pairs_per_pass(query, b * k)
         passes = [guidance.levels(i, min(i + step, b * k)) for i in range(0, b * k, step)]
         if len(passes) > 1 and torch.is_grad_enabled():
             # Recompute each pass in the backward instead of keeping its activations: EFTNet's
@@ -377,18 +430,17 @@ class HSNet(FewShotModel):
     def _learner(self, *levels: Tensor) -> Tensor:
         return self.hpn_learner(list(levels))
 
-    def pairs_per_pass(self, guidance: Guidance) -> int:
-        """How many (query, shot) pairs go through the learner at once: all of them, or as many
-        as fit in ``pass_mb`` (at least one). A pass takes about four times its input: the first
-        4-D convolution holds a permuted copy of the finest level and two outputs of its size.
-        With gradients, split passes are recomputed in the backward (activation checkpointing),
-        so that only one pass's activations are held at a time."""
-        b, k = guidance.pairs
+    def pairs_per_pass(self, query: FeatureStack, pairs: int) -> int:
+        """How many of ``pairs`` (query, shot) pairs of images the size of ``query``'s go
+        through the learner at once: all of them, or as many as fit in ``pass_mb`` (at least
+        one). A pass takes about four times its input (a pair: every tap's positions squared):
+        the first 4-D convolution holds a permuted copy of the finest level and two outputs of
+        its size. With gradients, split passes are recomputed in the backward (activation
+        checkpointing), so that only one pass's activations are held at a time."""
         if self.pass_mb <= 0:
-            return b * k
-        one = guidance.levels(0, 1)
-        per_pair = PASS_FACTOR * sum(t.numel() * t.element_size() for t in one)
-        return max(1, min(b * k, int(self.pass_mb * 2**20 // per_pair)))
+            return pairs
+        per_pair = PASS_FACTOR * sum(t[0, 0].numel() ** 2 * t.element_size() for t in query.taps)
+        return max(1, min(pairs, int(self.pass_mb * 2**20 // per_pair)))
 
     # ---- what EFTNet adapts ----
     def adapted_modules(self) -> list[nn.Module]:

@@ -17,8 +17,9 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from model.eftnet import EFTNet, EFTNetSettings
-from model.base import ShotTable
+from model.base import FewShotModel, ShotTable
 from model.hsnet import LEVELS, CenterPivotConv4d, FeatureStack, HSNet, Hypercorrelation, vote
+from model.similarity import CacheBudget
 from tests.synthetic import SIZE, make_episode
 
 CORRELATION_EPS = 1e-5
@@ -284,7 +285,7 @@ def test_a_memory_budget_splits_the_pairs_without_changing_the_outputs(three_sho
     try:
         for budget, groups in ((2.5 * per_pair, 2), (0.1 * per_pair, 1)):  # 6 pairs: 3 passes of 2, 6 of 1
             model.pass_mb = budget
-            assert model.pairs_per_pass(stats) == groups
+            assert model.pairs_per_pass(model.extract(query), 6) == groups
             split = model(query, supports, masks)
             torch.testing.assert_close(split.meta, whole.meta, rtol=1e-5, atol=1e-6)
             assert torch.equal(split.final.argmax(1), whole.final.argmax(1))
@@ -399,3 +400,57 @@ def test_eftnet_rounds_on_hsnet(shot: int):
     assert all(torch.equal(after[k], v) for k, v in learner.items())
     assert all(torch.equal(v, backbone[k]) for k, v in model.backbone.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+class EagerTableHSNet(HSNet):
+    """HSNet with the interface's default s2q table: every entry computed at once and kept."""
+
+    support_table = FewShotModel.support_table
+
+
+def entry_bytes(model: HSNet, supports: Tensor) -> int:
+    stats = FewShotModel.support_table(model, model.extract(supports), torch.ones(1, 1, SIZE, SIZE))
+    return sum(t[0, 0].numel() * t.element_size() for t in (stats.corr_l4, stats.corr_l3, stats.corr_l2))
+
+
+@torch.no_grad()
+def test_the_support_table_read_entry_by_entry_keeps_what_fits_and_equals_the_whole_one():
+    episode = make_episode(41, batch=1, shot=3)
+    torch.manual_seed(0)
+    model = HSNet("mobilenetv2", shot=3).eval()
+    supports = model.extract(episode[1][0])
+    whole = FewShotModel.support_table(model, supports, episode[2])
+    size = entry_bytes(model, episode[1][0])
+    calls: list[int] = []
+    match = model.match
+    model.match = lambda *args: calls.append(1) or match(*args)
+    # 27 reads: (0, 9), (2, 7), (8, 9), (0, 9) and the diagonal. Kept entries are computed once;
+    # with room for two, (0, 0) (read 3 times) and (0, 1) (twice) are kept.
+    for budget, kept, computed in ((None, 0, 27), (CacheBudget(0), 0, 27), (CacheBudget(int(2.5 * size)), 2, 24),
+                                   (CacheBudget(10**12), 9, 9)):
+        calls.clear()
+        table = model.support_table(supports, episode[2], budget)
+        for start, stop in ((0, 9), (2, 7), (8, 9), (0, 9)):
+            assert all(torch.equal(a, b) for a, b in zip(table.levels(start, stop), whole.levels(start, stop)))
+        assert all(torch.equal(a, b) for a, b in zip(table.diagonal().levels(0, 3), whole.diagonal().levels(0, 3)))
+        assert len(table.entries.kept) == kept and len(calls) == computed
+        assert budget is None or budget.left >= 0
+    model.match = match
+
+
+@pytest.mark.parametrize("cache_mb", [0, 0.5, 1024])
+def test_eftnet_on_hsnet_is_the_same_whatever_the_support_table_may_keep(cache_mb: float):
+    """Three shots: the s2q table computed when read (within the budget) gives the same rounds
+    as the one computed whole and kept."""
+    episode = make_episode(43, batch=1, shot=3)
+    torch.manual_seed(3)
+    eager = spread_logits(EagerTableHSNet("mobilenetv2", shot=3).eval(), episode)
+    lazy = HSNet("mobilenetv2", shot=3).eval()
+    lazy.load_state_dict(eager.state_dict())
+    assert 1 <= 0.5 * 2**20 // entry_bytes(lazy, episode[1][0]) < 9      # 0.5 MB keeps part of the table
+    settings = EFTNetSettings(rounds=3, similarity_cache_mb=cache_mb)
+    expected = EFTNet(eager, settings).adapt(*episode)
+    got = EFTNet(lazy, settings).adapt(*episode)
+    assert got.round_scores == expected.round_scores and got.chosen_round == expected.chosen_round
+    assert got.losses == expected.losses
+    assert all(torch.equal(a.final, b.final) and torch.equal(a.meta, b.meta) for a, b in zip(got.rounds, expected.rounds))

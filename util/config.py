@@ -61,7 +61,9 @@ SCHEMA: dict[str, Any] = {
     "s2q_gt_scores": False,
     "bootstrap_draws": 2000,  # paired bootstrap draws of the selection-rule intervals
     "bootstrap_seed": 2024,  # its fixed seed
-    "similarity_cache_mb": 1024,  # EFTNet: memory for similarity products kept across rounds (0 = none)
+    # EFTNet: memory for similarity products kept across an episode's rounds (MSANet's columns,
+    # HSNet's K x K support table); past it they are recomputed when read (0 = none kept)
+    "similarity_cache_mb": 1024,
     "kshot_order_quirk": True,  # reproduce MSANet's k-shot reweighting order bug
     "vgg_l2_last_shot_quirk": True,  # reproduce MSANet's VGG l2 correlation of the last shot
     "device": "auto",  # auto | cpu | cuda | cuda:N
