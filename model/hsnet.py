@@ -414,13 +414,9 @@ class HSNet(FewShotModel):
     def decode(self, query: FeatureStack, guidance: Guidance) -> Prediction:
         b, k = guidance.pairs
         step = self.pairs_per_pass(query, b * k)
-        passes = [guidance.levels(i, min(i + step, b * k)) for i in range(0, b * k, step)]
-        if len(passes) > 1 and torch.is_grad_enabled():
-            # Recompute each pass in the backward instead of keeping its activations: EFTNet's
-            # q2s with K shots would otherwise hold every pass's 4-D maps for its one step.
-            outputs = [checkpoint(self._learner, *levels, use_reentrant=False) for levels in passes]
-        else:
-            outputs = [self._learner(*levels) for levels in passes]
+        split = step < b * k and torch.is_grad_enabled()
+        # Each pass's input is made when the pass runs and let go after it.
+        outputs = [self._learner_pass(guidance.levels(i, min(i + step, b * k)), split) for i in range(0, b * k, step)]
         logits = resize(torch.cat(outputs), query.image_size)
         logits = logits.view(b, k, *logits.shape[1:])
         if k == 1:
@@ -429,6 +425,13 @@ class HSNet(FewShotModel):
 
     def _learner(self, *levels: Tensor) -> Tensor:
         return self.hpn_learner(list(levels))
+
+    def _learner_pass(self, levels: list[Tensor], split: bool) -> Tensor:
+        if split:
+            # Recompute the pass in the backward instead of keeping its activations: EFTNet's q2s
+            # with K shots would otherwise hold every pass's 4-D maps for its one step.
+            return checkpoint(self._learner, *levels, use_reentrant=False)
+        return self._learner(*levels)
 
     def pairs_per_pass(self, query: FeatureStack, pairs: int) -> int:
         """How many of ``pairs`` (query, shot) pairs of images the size of ``query``'s go

@@ -8,6 +8,7 @@ its K-shot answer, its released key layout and EFTNet's fine-tuning rounds.
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,32 @@ def test_a_memory_budget_splits_the_pairs_without_changing_the_outputs(three_sho
             assert torch.equal(split.final.argmax(1), whole.final.argmax(1))
     finally:
         model.pass_mb = 0
+
+
+@torch.no_grad()
+def test_split_passes_hold_one_pass_input_at_a_time(three_shot):
+    """Without gradients, a pass's input is made when the pass runs and is gone before the next."""
+    model, (query, supports, masks) = three_shot
+    stats = model.match(model.extract(query), model.extract(supports.flatten(0, 1)), masks)
+    alive: list[weakref.ref] = []
+
+    class Watched:
+        pairs = stats.pairs
+
+        @staticmethod
+        def levels(start: int, stop: int) -> list[Tensor]:
+            assert all(ref() is None for ref in alive)                  # the previous pass's input is freed
+            out = [t.clone() for t in stats.levels(start, stop)]
+            alive.extend(weakref.ref(t) for t in out)
+            return out
+
+    try:
+        model.pass_mb = 1e-3                                             # one pair per pass: 6 passes
+        streamed = model.decode(model.extract(query), Watched())
+    finally:
+        model.pass_mb = 0
+    assert len(alive) == 6 * 3
+    torch.testing.assert_close(streamed.meta, model.decode(model.extract(query), stats).meta, rtol=1e-5, atol=1e-6)
 
 
 def test_blended_guidance_is_the_fieldwise_mix_pass_by_pass():
