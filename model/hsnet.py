@@ -150,6 +150,11 @@ class Hypercorrelation(ShotTable, Blendable):
         return DiagonalReplaced(self, other)
 
 
+def join(parts: list[list[Tensor]]) -> list[Tensor]:
+    """Per level, the pairs' tensors joined along the pair axis (one pair: as it is, uncopied)."""
+    return list(parts[0]) if len(parts) == 1 else [torch.cat(level) for level in zip(*parts)]
+
+
 @dataclass
 class DiagonalReplaced:
     """EFTNet's s2q table: the supports' [K, K] table with the query in each support's slot."""
@@ -163,9 +168,8 @@ class DiagonalReplaced:
 
     def levels(self, start: int, stop: int) -> list[Tensor]:
         k = self.pairs[1]  # the table's own diagonal entries are never read
-        parts = [self.diagonal.levels(i // k, i // k + 1) if i // k == i % k else self.table.levels(i, i + 1)
-                 for i in range(start, stop)]
-        return [torch.cat(level) for level in zip(*parts)]
+        return join([self.diagonal.levels(i // k, i // k + 1) if i // k == i % k else self.table.levels(i, i + 1)
+                     for i in range(start, stop)])
 
     def blend(self, other: Hypercorrelation, weights: tuple[float, float]) -> "BlendedHypercorrelation":
         return BlendedHypercorrelation(self, other, weights)
@@ -228,8 +232,7 @@ class SupportTable:
         return cls(entries, [(i, j) for i in range(k) for j in range(k)], (k, k))
 
     def levels(self, start: int, stop: int) -> list[Tensor]:
-        parts = [self.entries(i, j) for i, j in self.cells[start:stop]]
-        return [torch.cat(level) for level in zip(*parts)]
+        return join([self.entries(i, j) for i, j in self.cells[start:stop]])
 
     def diagonal(self) -> "SupportTable":
         """Entry [i, i] as [K, 1]."""
