@@ -11,6 +11,8 @@ In the five steps:
 1. ``extract``: the blocks' feature maps (ResNet: bottleneck outputs before their final ReLU,
    from layer2 on; VGG16: conv4_x and conv5_x before their ReLU, then pool5);
 2. ``match``: the hypercorrelation of every (query, support shot) pair (:class:`Hypercorrelation`);
+   EFTNet's K x K table of the supports against each other (``support_table``) is computed
+   entry by entry as the learner's passes read it, and kept within a budget;
 3. ``embed`` is empty (nothing trainable sees a support on its own) and ``guide`` keeps the shots
    apart: EFTNet's blend mixes the pseudo-labelled query's hypercorrelation into each shot's;
 4. ``decode``: the learner on every shot; with K shots the answer is HSNet's vote (each shot's
