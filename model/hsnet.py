@@ -205,14 +205,13 @@ class PairEntries:
 
     def __init__(self, model: "HSNet", supports: FeatureStack, masks: Tensor, budget: Optional[CacheBudget]):
         self.model, self.supports, self.masks, self.budget = model, supports, masks, budget
-        self.rows = [supports[i:i + 1] for i in range(supports.batch)]
         self.kept: dict[tuple[int, int], list[Tensor]] = {}
 
     def __call__(self, i: int, j: int) -> list[Tensor]:
         """[l4, l3, l2] of entry [i, j], each [1, blocks, h, w, h, w]."""
         if (i, j) in self.kept:
             return self.kept[i, j]
-        levels = self.model.match(self.rows[i], self.supports[j:j + 1], self.masks[:, j:j + 1]).levels(0, 1)
+        levels = self.model.match(self.supports[i:i + 1], self.supports[j:j + 1], self.masks[:, j:j + 1]).levels(0, 1)
         if self.budget is not None and self.budget.take(sum(t.numel() * t.element_size() for t in levels)):
             self.kept[i, j] = levels
         return levels
@@ -399,7 +398,7 @@ class HSNet(FewShotModel):
 
     def support_table(self, supports: FeatureStack, masks: Tensor, budget: Optional[CacheBudget] = None) -> SupportTable:
         """The [K, K] table computed entry by entry as it is read, within ``budget``."""
-        self._query_units(supports)  # once for the stack; its rows' slices share them
+        self._query_units(supports)  # once for the stack: the slices of its entries share them
         return SupportTable.square(PairEntries(self, supports, masks, budget))
 
     @staticmethod
@@ -447,7 +446,7 @@ class HSNet(FewShotModel):
         checkpointing), so that only one pass's activations are held at a time."""
         if self.pass_mb <= 0:
             return pairs
-        per_pair = PASS_FACTOR * sum(t[0, 0].numel() ** 2 * t.element_size() for t in query.taps)
+        per_pair = PASS_FACTOR * sum((t.shape[-2] * t.shape[-1]) ** 2 * t.element_size() for t in query.taps)
         return max(1, min(pairs, int(self.pass_mb * 2**20 // per_pair)))
 
     # ---- what EFTNet adapts ----
